@@ -1,0 +1,47 @@
+"""The one bit layout every 1-bit tensor in dfplan uses.
+
+Sign matrix S (out, in) with entries +1 / -1 is stored as uint8 `bits` (out, ceil(in / 8)):
+  - row-major, one packed row per output row (GEMV reads one contiguous row per output);
+  - LSB first: column j lives in byte j // 8, bit j % 8 (value 1 << (j % 8));
+  - bit 1 means +1, bit 0 means -1;
+  - an exact zero weight packs as +1 (sign(0) := +1, so no third level appears);
+  - padding bits past `in` are 0 and must be ignored by every consumer
+    (kernels either mask them or multiply them by zero-padded activations).
+"""
+from __future__ import annotations
+
+import torch
+
+_BIT_WEIGHTS = (1 << torch.arange(8, dtype=torch.int32)).to(torch.uint8)  # (8,)
+
+
+def packed_cols(in_features: int) -> int:
+    return (in_features + 7) // 8
+
+
+def pack_signs(w: torch.Tensor) -> torch.Tensor:
+    """(out, in) float -> (out, ceil(in/8)) uint8, bit = (w >= 0)."""
+    if w.dim() != 2:
+        raise ValueError(f"pack_signs expects a 2-D weight, got shape {tuple(w.shape)}")
+    out_f, in_f = w.shape
+    pad = packed_cols(in_f) * 8 - in_f
+    pos = (w >= 0).to(torch.uint8)
+    if pad:
+        pos = torch.nn.functional.pad(pos, (0, pad))  # padding bits are 0
+    pos = pos.view(out_f, -1, 8)
+    return (pos * _BIT_WEIGHTS.to(w.device)).sum(-1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_signs(bits: torch.Tensor, in_features: int, dtype=torch.float32) -> torch.Tensor:
+    """(out, ceil(in/8)) uint8 -> (out, in) of +1/-1 in `dtype`. Reference only: slow."""
+    if bits.dtype != torch.uint8 or bits.dim() != 2:
+        raise ValueError(f"unpack_signs expects 2-D uint8 bits, got {bits.dtype} {tuple(bits.shape)}")
+    if bits.shape[1] != packed_cols(in_features):
+        raise ValueError(
+            f"packed width {bits.shape[1]} does not match in_features={in_features} "
+            f"(expected {packed_cols(in_features)} bytes per row)"
+        )
+    w = _BIT_WEIGHTS.to(bits.device)
+    b = (bits.unsqueeze(-1) & w).ne(0)  # (out, cols, 8)
+    b = b.reshape(bits.shape[0], -1)[:, :in_features]
+    return b.to(dtype) * 2 - 1
