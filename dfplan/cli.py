@@ -1,0 +1,79 @@
+"""The `dfplan` command line: parse arguments once, call a typed library function.
+
+Each subcommand lives in dfplan/commands/<name>.py and exposes a click command named
+`command`. No logic lives in the callbacks beyond parsing; user errors (DfplanError) print
+one line and exit 2.
+"""
+from __future__ import annotations
+
+import importlib
+import sys
+
+import click
+
+from .errors import DfplanError
+
+# name -> one-line help; the module dfplan.commands.<name> provides `command`.
+SUBCOMMANDS = {
+    "zoo": "Train or list built-in teacher models.",
+    "size": "Exact packed size of a model under a plan or layout.",
+    "sensitivity": "Per-layer KL sensitivity of every candidate format.",
+    "search": "Choose per-layer formats under a memory budget.",
+    "distill": "Distill a plan into a packed DF-SSM student.",
+    "eval": "Perplexity and zero-shot accuracy of a model or packed artifact.",
+    "bench": "Latency, memory and size benchmarks.",
+    "report": "Render a run directory into markdown and plots.",
+    "probe": "Knowledge-organisation probe across depth.",
+    "demo": "The whole pipeline on the built-in default teacher, offline.",
+}
+
+
+class _LazyGroup(click.Group):
+    def list_commands(self, ctx):
+        return list(SUBCOMMANDS)
+
+    def get_command(self, ctx, name):
+        if name not in SUBCOMMANDS:
+            return None
+        try:
+            mod = importlib.import_module(f"dfplan.commands.{name.replace('-', '_')}")
+        except ModuleNotFoundError as e:
+            if e.name != f"dfplan.commands.{name}":
+                raise
+            return _not_implemented(name)
+        return mod.command
+
+
+def _not_implemented(name: str) -> click.Command:
+    @click.command(name=name, help=SUBCOMMANDS[name] + " (not implemented yet)",
+                   context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def cmd():
+        raise DfplanError(f"'dfplan {name}' is not implemented yet")
+    return cmd
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="dfplan")
+def cli():
+    """dfplan: sensitivity-guided 1-bit + low-rank compression of Mamba-2 models."""
+
+
+def main(argv=None) -> int:
+    try:
+        cli.main(args=argv, standalone_mode=False)
+    except DfplanError as e:
+        click.echo(f"error: {e}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return e.exit_code
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
