@@ -69,3 +69,52 @@ def kl_to_teacher(teacher, student, windows, batch_size: int = 8, vocab_size: in
         total += (lt.exp() * (lt - ls)).sum().item()
         count += x.numel()
     return total / count
+
+
+def heldout_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
+    """Non-overlapping (N, seq_len + 1) windows over a held-out stream, evenly spaced when
+    capped, so the same corpus always gives the same windows."""
+    from .data import gather, require_tokens, window_starts
+    require_tokens(len(tokens), seq_len + 1, f"one evaluation window of {seq_len} tokens")
+    starts = window_starts(len(tokens), seq_len)
+    if max_windows is not None and len(starts) > max_windows:
+        starts = starts[np.linspace(0, len(starts) - 1, max_windows).round().astype(np.int64)]
+    return gather(tokens, starts, seq_len + 1)
+
+
+def evaluate_model(model_arg: str, corpus, tokenizer: str | None = None, teacher: str | None = None,
+                   seq_len: int = 256, max_windows: int | None = 64, batch_size: int = 8,
+                   out: str | None = None) -> dict:
+    """Load a model (checkpoint or packed artifact), score it on held-out text, optionally
+    against a teacher; returns (and optionally writes) a JSON-able dict."""
+    import time
+
+    from .data import load_tokens
+    from .fileio import write_json_atomic
+    from .loading import load_any
+    from .tokenizer import check_vocab, load_tokenizer
+
+    t0 = time.perf_counter()
+    model, tok = load_any(model_arg)
+    if tokenizer is not None:
+        tok = load_tokenizer(tokenizer)
+    if tok is None:
+        raise DfplanError(f"{model_arg} has no tokenizer.json; pass --tokenizer")
+    check_vocab(tok, model.config)
+    stream = load_tokens(corpus, tok)
+    windows = heldout_windows(stream.tokens, seq_len, max_windows)
+    V = model.config.vocab_size
+    res = perplexity(model, windows, batch_size, vocab_size=V, progress=True)
+    result = {"model": model_arg, "corpus": list(stream.files), "seq_len": seq_len,
+              **res.to_dict()}
+    if teacher is not None:
+        tmodel, _ = load_any(teacher)
+        if tmodel.config.vocab_padded != model.config.vocab_padded:
+            raise DfplanError(f"teacher {teacher} has vocab {tmodel.config.vocab_padded}, "
+                              f"model has {model.config.vocab_padded}; they cannot be compared")
+        result["teacher_ppl"] = perplexity(tmodel, windows, batch_size, vocab_size=V).ppl
+        result["kl_to_teacher"] = kl_to_teacher(tmodel, model, windows, batch_size, vocab_size=V)
+    result["wall_s"] = round(time.perf_counter() - t0, 3)
+    if out:
+        write_json_atomic(out, result)
+    return result

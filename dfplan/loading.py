@@ -203,3 +203,17 @@ def save_hf(model: Mamba2LM, out_dir: str | os.PathLike) -> Path:
         save_file(sd, str(tmp), metadata={"format": "pt"})
     write_json_atomic(out / "config.json", config_to_hf(model.config))
     return out
+
+
+def load_any(model_arg: str, dtype: torch.dtype | None = None, device=None):
+    """A packed dfplan artifact (has manifest.json) or an FP checkpoint -> (model, tokenizer)."""
+    p = Path(model_arg).expanduser()
+    if p.is_dir() and (p / "manifest.json").exists():
+        from .packed import load_packed
+        model = load_packed(p)
+        tok = None
+        if (p / "tokenizer.json").exists():
+            from .tokenizer import load_tokenizer
+            tok = load_tokenizer(str(p / "tokenizer.json"))
+        return model.eval(), tok
+    return load_model(model_arg, dtype=dtype, device=device)
