@@ -1,0 +1,204 @@
+"""Inference modules for the compressed formats: buffers only, swapped in for nn.Linear / Embedding.
+
+Each module holds exactly the tensors of its spec's payload (specs.py documents the layouts),
+under the same names, so `module.state_dict()` is what the packed checkpoint stores; an
+optional `bias` buffer is kept in the compute dtype and stored under the plan's default dtype.
+
+forward: the fast kernels of dfplan.kernels (binary_linear / int8_linear) when importable,
+otherwise the reference path: dequantize(), then F.linear. Modules are built either from a
+float weight (`from_float`) or empty on the meta device (`empty`) and then assign-loaded.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..errors import DfplanError
+from . import quant
+from .specs import Binary, IntN, Spec
+
+_KERNELS: list = []          # [module or None], resolved on first use
+
+
+def kernels():
+    """dfplan.kernels if it exposes the dispatch entry points, else None (reference path)."""
+    if not _KERNELS:
+        try:
+            import dfplan.kernels as k
+            _KERNELS.append(k if hasattr(k, "binary_linear") and hasattr(k, "int8_linear") else None)
+        except ImportError:
+            _KERNELS.append(None)
+    return _KERNELS[0]
+
+
+def _torch_dtype(name: str) -> torch.dtype:
+    return getattr(torch, name)
+
+
+class _Compressed(nn.Module):
+    """Common part: spec, shape, payload buffers (+ optional bias)."""
+
+    def __init__(self, spec: Spec, shape: tuple[int, int], bias: bool = False, device=None,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.spec = spec
+        self.out_features, self.in_features = int(shape[0]), int(shape[1])
+        self.compute_dtype = compute_dtype
+        for t in spec.payload(shape):
+            self.register_buffer(t.name, torch.empty(t.shape, dtype=_torch_dtype(t.dtype), device=device))
+        self.register_buffer("bias", torch.empty(self.out_features, dtype=compute_dtype, device=device)
+                             if bias else None)
+
+    @classmethod
+    def empty(cls, spec: Spec, shape, bias: bool = False, device="meta",
+              compute_dtype: torch.dtype = torch.float32):
+        return cls(spec, tuple(shape), bias=bias, device=device, compute_dtype=compute_dtype)
+
+    @classmethod
+    def from_float(cls, weight: torch.Tensor, spec: Spec, bias: torch.Tensor | None = None,
+                   generator: torch.Generator | None = None):
+        """Quantise a float (out, in) weight into a new module on the weight's device."""
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        m = cls(spec, tuple(weight.shape), bias=bias is not None, device="meta", compute_dtype=dtype)
+        bufs = quant.encode_weight(weight.detach().float().cpu(), spec, generator)
+        for name, t in bufs.items():
+            setattr(m, name, t.to(weight.device))
+        if bias is not None:
+            m.bias = bias.detach().to(dtype).clone()
+        m._check_spec_kind()
+        return m
+
+    def payload(self) -> dict[str, torch.Tensor]:
+        return {t.name: getattr(self, t.name) for t in self.spec.payload((self.out_features, self.in_features))}
+
+    def dequantize(self) -> torch.Tensor:
+        """The (out, in) weight this module computes with, in its compute dtype."""
+        return quant.decode_weight(self.spec, (self.out_features, self.in_features), self.payload(),
+                                   dtype=self.compute_dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.in_features} -> {self.out_features}, {self.spec}, bias={self.bias is not None}"
+
+    def _check_spec_kind(self):
+        pass
+
+
+class BinaryLinear(_Compressed):
+    """1-bit sign scaffold (row or FBI scales) + optional quantised low-rank correction."""
+
+    def _check_spec_kind(self):
+        if not isinstance(self.spec, Binary):
+            raise DfplanError(f"BinaryLinear needs a bin/fbi spec, got {self.spec}")
+
+    def __init__(self, spec: Binary, shape, bias: bool = False, device=None,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__(spec, shape, bias, device, compute_dtype)
+        self._check_spec_kind()
+        self._uv8 = None        # unpacked int8 U, V when rank_bits < 8 (kernels take int8)
+
+    def _correction_int8(self):
+        s = self.spec
+        if not s.rank:
+            return None, None
+        if s.rank_bits == 8:
+            return self.u, self.v
+        if self._uv8 is None or self._uv8[0].device != self.u.device:
+            self._uv8 = (quant.unpack_intn(self.u, s.rank, s.rank_bits, True).to(torch.int8),
+                         quant.unpack_intn(self.v, self.in_features, s.rank_bits, True).to(torch.int8))
+        return self._uv8
+
+    def _apply(self, fn, *args, **kw):
+        self._uv8 = None        # device / dtype moves invalidate the unpacked cache
+        return super()._apply(fn, *args, **kw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:              # (..., in) -> (..., out)
+        k = kernels()
+        if k is None:
+            return self.forward_reference(x)
+        fbi = self.spec.scale == "fbi"
+        u, v = self._correction_int8()
+        r = self.spec.rank > 0
+        return k.binary_linear(
+            x, self.bits, None if fbi else self.row_scale, self.in_features,
+            col_scale=self.col_scale if fbi else None, col_shift=self.col_shift if fbi else None,
+            u=u, u_scale=self.u_scale if r else None, v=v, v_scale=self.v_scale if r else None,
+            bias=self.bias)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype), b)
+
+
+class IntNLinear(_Compressed):
+    """Weight-only IntN linear (per row or per group, symmetric or asymmetric)."""
+
+    def _check_spec_kind(self):
+        if not isinstance(self.spec, IntN):
+            raise DfplanError(f"IntNLinear needs an intN spec, got {self.spec}")
+
+    def __init__(self, spec: IntN, shape, bias: bool = False, device=None,
+                 compute_dtype: torch.dtype = torch.float32):
+        super().__init__(spec, shape, bias, device, compute_dtype)
+        self._check_spec_kind()
+
+    @property
+    def is_int8_rowwise(self) -> bool:
+        s = self.spec
+        return s.bits == 8 and s.group == 0 and s.symmetric
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:              # (..., in) -> (..., out)
+        k = kernels()
+        if k is not None and self.is_int8_rowwise:
+            return k.int8_linear(x, self.qweight, self.scale, self.bias)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        b = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantize().to(x.dtype), b)
+
+
+class IntNEmbedding(_Compressed):
+    """Row-wise IntN token embedding; attend(h) makes it the tied output head too."""
+
+    def _check_spec_kind(self):
+        if not isinstance(self.spec, IntN) or self.spec.group:
+            raise DfplanError(f"IntNEmbedding needs a row-wise intN spec, got {self.spec}")
+
+    def __init__(self, spec: IntN, shape, bias: bool = False, device=None,
+                 compute_dtype: torch.dtype = torch.float32):
+        if bias:
+            raise DfplanError("an embedding has no bias")
+        super().__init__(spec, shape, False, device, compute_dtype)
+        self._check_spec_kind()
+
+    @property
+    def weight_shape(self) -> tuple[int, int]:
+        return self.out_features, self.in_features
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:            # (B, L) -> (B, L, d)
+        # dequantise only the gathered rows: the table itself stays packed
+        s = self.spec
+        flat = ids.reshape(-1)
+        q = quant.unpack_intn(self.qweight[flat], self.in_features, s.bits, s.symmetric)
+        zero = None if s.symmetric else self.zero[flat]
+        rows = quant.dequantize_intn(q, self.scale[flat], zero, dtype=self.compute_dtype)
+        return rows.reshape(*ids.shape, self.in_features)
+
+    def attend(self, h: torch.Tensor) -> torch.Tensor:               # (..., d) -> (..., V)
+        k = kernels()
+        s = self.spec
+        if k is not None and s.bits == 8 and s.symmetric:
+            return k.int8_linear(h, self.qweight, self.scale)
+        return F.linear(h, self.dequantize().to(h.dtype))
+
+
+def module_for(spec: Spec, kind: str):
+    """Which module class implements `spec` for a unit of `kind` (None: stays a float module)."""
+    if isinstance(spec, Binary):
+        if kind in ("embedding", "lm_head"):
+            raise DfplanError(f"{kind} cannot take {spec}; use a Keep or row-wise IntN format")
+        return BinaryLinear
+    if isinstance(spec, IntN):
+        return IntNEmbedding if kind == "embedding" else IntNLinear
+    return None
