@@ -109,7 +109,7 @@ def format_table(report: SizeReport) -> str:
     rows.append(["total", f"{bpw:.3f} bits/param", f"{report.params:,}", f"{report.total_bytes:,}",
                  f"{report.total_bytes / 1e6:,.2f}", "100.00%"])
     return tabulate(rows, headers=["component", "format", "params", "bytes", "MB", "share"],
-                    colalign=("left", "left", "right", "right", "right", "right"))
+                    colalign=("left", "left", "right", "right", "right", "right"), disable_numparse=True)
 
 
 # The DF-SSM paper's breakdown for its 1.3B artifact (MB) and why our exact count differs.
@@ -139,4 +139,5 @@ def dfssm_comparison(report: SizeReport) -> str:
             sums[keys[3]] += c["bytes"]
     rows = [[k, f"{sums[k] / 1e6:,.2f}", paper, why] for k, (paper, why) in DFSSM_PAPER_MB.items()]
     rows.append(["total", f"{report.total_bytes / 1e6:,.2f}", 278, ""])
-    return tabulate(rows, headers=["DF-SSM category", "ours MB", "paper MB", "note"])
+    return tabulate(rows, headers=["DF-SSM category", "ours MB", "paper MB", "note"],
+                    colalign=("left", "right", "right", "left"), disable_numparse=True)

@@ -1,0 +1,242 @@
+"""Packed checkpoints: the compressed model as shipped, and loading it back without FP weights.
+
+A packed directory holds
+  model.safetensors  every payload tensor (specs.py layouts) + fixed tensors in the plan's
+                     default dtype; keys are the model's state_dict keys;
+  config.json        {"format": "dfplan-packed", "name": ..., "dfplan_config": mamba_ssm config};
+  plan.json          the Plan (planner/plan.py schema);
+  tokenizer.json     optional;
+  manifest.json      written last: sha256 + size of every file above, payload bytes, plan hash,
+                     compute dtype, versions, git commit.
+Each file is written to a temp file and renamed; the old manifest is removed first, so an
+interrupted save never leaves a directory that verifies. load_packed checks sizes and sha256
+before parsing anything, builds the model on the meta device, swaps in empty compressed
+modules and assign-loads the tensors: no FP teacher weights are ever materialised.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .config import Mamba2Config
+from .errors import DfplanError
+from .fileio import atomic_path, sha256_file, write_json_atomic
+from .formats.apply import compressed_modules, prepare_empty
+from .formats.size import layout_bytes, packed_layout
+from .formats.specs import Keep
+from .formats.units import compressible_units
+
+PACKED_FORMAT = "dfplan-packed"
+PACKED_VERSION = 1
+WEIGHTS, CONFIG, PLAN, TOKENIZER, MANIFEST = ("model.safetensors", "config.json", "plan.json",
+                                              "tokenizer.json", "manifest.json")
+
+
+def _versions() -> dict:
+    import safetensors
+
+    import dfplan
+    return {"dfplan": dfplan.__version__, "torch": torch.__version__,
+            "safetensors": safetensors.__version__, "python": platform.python_version()}
+
+
+def _git_commit() -> str | None:
+    try:
+        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                           text=True, timeout=5)
+        return r.stdout.strip() or None if r.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def _compressed_keys(cfg: Mamba2Config, resolved: dict) -> set[str]:
+    """state_dict keys of payload tensors of non-Keep units (stored and loaded as-is)."""
+    keys = set()
+    for u in compressible_units(cfg):
+        spec = resolved[u.name]
+        if not isinstance(spec, Keep):
+            keys.update(f"{u.name}.{t.name}" for t in spec.payload(u.shape))
+    return keys
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    p = getattr(getattr(model, "backbone", None), "norm_f", None)
+    return p.weight.dtype if p is not None else torch.float32
+
+
+def packed_tensors(model: nn.Module, plan) -> dict[str, torch.Tensor]:
+    """The exact tensors save_packed writes (CPU, contiguous); validates model against plan."""
+    cfg = model.config
+    layout = packed_layout(cfg, plan)               # resolves + validates the plan
+    resolved = plan.resolve(cfg)
+    for name, mod in compressed_modules(model).items():
+        if resolved.get(name) != mod.spec:
+            raise DfplanError(f"{name} holds {mod.spec} but the plan gives it {resolved.get(name)}; "
+                              f"save with the plan the model was compressed with")
+    sd = model.state_dict()
+    missing, extra = sorted(set(layout) - set(sd)), sorted(set(sd) - set(layout))
+    if missing or extra:
+        raise DfplanError(f"model does not match its plan: missing {missing[:4]}, unexpected {extra[:4]} "
+                          f"(apply_plan the plan before saving)")
+    compressed = _compressed_keys(cfg, resolved)
+    out = {}
+    for k, (shape, dtype) in layout.items():
+        t = sd[k].detach()
+        if tuple(t.shape) != tuple(shape):
+            raise DfplanError(f"{k} has shape {tuple(t.shape)}, the plan stores {shape}")
+        want = getattr(torch, dtype)
+        if k in compressed:
+            if t.dtype != want:
+                raise DfplanError(f"{k} is {t.dtype}, the format stores {want}")
+        elif not t.is_floating_point():
+            raise DfplanError(f"{k} is {t.dtype}; a kept tensor must be floating point")
+        out[k] = t.to(device="cpu", dtype=want).contiguous()
+    return out
+
+
+def save_packed(model: nn.Module, plan=None, out_dir: str | os.PathLike | None = None, *,
+                tokenizer=None, extra: dict | None = None) -> Path:
+    """Write the packed checkpoint of a model compressed with `plan` (default: the plan
+    apply_plan recorded on the model). Everything is validated before the first write."""
+    if out_dir is None:
+        raise DfplanError("save_packed needs an output directory")
+    plan = plan if plan is not None else getattr(model, "dfplan_plan", None)
+    if plan is None:
+        raise DfplanError("save_packed needs the plan the model was compressed with")
+    cfg: Mamba2Config = model.config
+    tensors = packed_tensors(model, plan)
+    payload = sum(t.numel() * t.element_size() for t in tensors.values())
+    accounted = layout_bytes(packed_layout(cfg, plan))
+    if payload != accounted:      # cannot happen unless specs.py and the modules disagree
+        raise RuntimeError(f"payload {payload} B != accounted {accounted} B")
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DfplanError(f"{out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)       # never leave a stale manifest over new files
+    from safetensors.torch import save_file
+    with atomic_path(out / WEIGHTS) as tmp:
+        save_file(tensors, str(tmp), metadata={"format": "pt", "dfplan": PACKED_FORMAT,
+                                               "plan_hash": plan.hash()})
+    write_json_atomic(out / CONFIG, {"format": PACKED_FORMAT, "name": cfg.name,
+                                     "dfplan_config": cfg.to_mamba_ssm_dict()})
+    plan.to_json(out / PLAN)
+    files = [WEIGHTS, CONFIG, PLAN]
+    if tokenizer is not None:
+        with atomic_path(out / TOKENIZER) as tmp:
+            tokenizer.save(str(tmp))
+        files.append(TOKENIZER)
+    else:
+        (out / TOKENIZER).unlink(missing_ok=True)   # a stale tokenizer would not match
+    manifest = {
+        "format": PACKED_FORMAT, "version": PACKED_VERSION,
+        "files": {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in files},
+        "payload_bytes": payload, "n_tensors": len(tensors), "plan_hash": plan.hash(),
+        "compute_dtype": str(_float_dtype(model)).removeprefix("torch."),
+        "model": cfg.name, "versions": _versions(), "git_commit": _git_commit(),
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **({"extra": extra} if extra else {}),
+    }
+    write_json_atomic(out / MANIFEST, manifest)
+    return out
+
+
+def read_manifest(d: Path) -> dict:
+    path = d / MANIFEST
+    if not path.exists():
+        raise DfplanError(f"{path} is missing: {d} is not a packed dfplan checkpoint (or its save was interrupted)")
+    try:
+        m = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise DfplanError(f"{path} is corrupt ({e}); re-save the checkpoint") from None
+    if not isinstance(m, dict) or m.get("format") != PACKED_FORMAT or not isinstance(m.get("files"), dict):
+        raise DfplanError(f"{path} is not a dfplan packed manifest")
+    if int(m.get("version", 0)) > PACKED_VERSION:
+        raise DfplanError(f"{path}: packed version {m['version']} is newer than this dfplan reads "
+                          f"({PACKED_VERSION}); upgrade dfplan")
+    for f in (WEIGHTS, CONFIG, PLAN):
+        if f not in m["files"]:
+            raise DfplanError(f"{path} does not list {f}; re-save the checkpoint")
+    return m
+
+
+def verify_packed(d: str | os.PathLike) -> dict:
+    """Check every file the manifest lists (presence, size, sha256); returns the manifest."""
+    d = Path(d)
+    if not d.is_dir():
+        raise DfplanError(f"packed checkpoint directory {d} does not exist")
+    m = read_manifest(d)
+    for name, info in m["files"].items():
+        f = d / name
+        if not f.exists():
+            raise DfplanError(f"{f} is missing (listed in {MANIFEST})")
+        size = f.stat().st_size
+        if size != info.get("bytes"):
+            raise DfplanError(f"{f} is {size:,} bytes but {MANIFEST} records {info.get('bytes'):,}: "
+                              f"the file is truncated or was replaced")
+        if sha256_file(f) != info.get("sha256"):
+            raise DfplanError(f"{f} fails its sha256 check: the file is corrupt or was modified")
+    return m
+
+
+def read_packed_config(d: Path) -> Mamba2Config:
+    path = d / CONFIG
+    try:
+        raw = json.loads(path.read_text())
+        return Mamba2Config.from_dict(raw["dfplan_config"], name=raw.get("name", d.name))
+    except DfplanError as e:
+        raise DfplanError(f"{path}: {e}") from None
+    except (OSError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise DfplanError(f"{path} is not a packed dfplan config ({type(e).__name__}: {e})") from None
+
+
+def load_packed(path: str | os.PathLike, dtype: torch.dtype | None = None, device=None,
+                verify: bool = True) -> nn.Module:
+    """Rebuild the compressed model from a packed directory (checksums verified first).
+
+    dtype: compute dtype of kept float tensors (default: the dtype the model was saved from);
+    compressed payloads keep their stored dtypes. Returns the model in eval mode.
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .model import build_model
+    from .planner.plan import Plan
+
+    d = Path(path)
+    m = verify_packed(d) if verify else read_manifest(d)
+    cfg = read_packed_config(d)
+    plan = Plan.from_json(d / PLAN)
+    if m.get("plan_hash") and plan.hash() != m["plan_hash"]:
+        raise DfplanError(f"{d / PLAN} does not match the plan hash in {MANIFEST}")
+    compute = dtype or getattr(torch, m.get("compute_dtype", "float32"))
+    layout = packed_layout(cfg, plan)
+    compressed = _compressed_keys(cfg, plan.resolve(cfg))
+    try:
+        sd = load_file(str(d / WEIGHTS))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DfplanError(f"{d / WEIGHTS} cannot be read as safetensors ({e})") from None
+    missing, extra = sorted(set(layout) - set(sd)), sorted(set(sd) - set(layout))
+    if missing or extra:
+        raise DfplanError(f"{d / WEIGHTS} does not match its plan: missing {missing[:4]}, unexpected {extra[:4]}")
+    for k, (shape, dt) in layout.items():
+        t = sd[k]
+        if tuple(t.shape) != tuple(shape) or t.dtype != getattr(torch, dt):
+            raise DfplanError(f"{d / WEIGHTS}: {k} is {t.dtype} {tuple(t.shape)}, the plan stores {dt} {shape}")
+        if k not in compressed:
+            sd[k] = t.to(compute)
+    model = build_model(cfg, device="meta")
+    prepare_empty(model, plan, compute_dtype=compute)
+    model.load_state_dict(sd, strict=True, assign=True)
+    if device is not None:
+        model.to(device)
+    model.dfplan_manifest = m
+    return model.eval()
