@@ -1,0 +1,142 @@
+"""CPU kernels: build the C++ extension once (cached on disk), then call it.
+
+The extension is compiled with torch.utils.cpp_extension on first use into
+~/.cache/dfplan/kernels/<hash of sources + flags + torch version>, so a rebuild happens only
+when the source or the toolchain changes. Build failures (no compiler, ...) warn once and
+leave `extension()` returning None; dispatch then uses the reference path.
+
+The binary carries an AVX-512 VNNI, an AVX2 and a portable path and picks one at runtime.
+After loading, the fastest path is checked once against the portable one on a small random
+problem; a mismatch (a miscompiled or untested path on this CPU) demotes it with a warning
+rather than returning wrong numbers.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+from .packing import pack_signs
+
+ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512-vnni"}
+_SOURCES = [Path(__file__).parent / "csrc" / "linear_cpu.cpp"]
+# No -march: the wide paths use function-level target attributes (see the source).
+_CFLAGS = ["-O3", "-fno-math-errno"]
+_NAME = "dfplan_kernels_cpu"
+
+_lock = threading.Lock()
+_state: dict = {}  # "ext": module | None, "isa": int, "error": str
+
+
+def cache_root() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dfplan" / "kernels"
+
+
+def build_hash() -> str:
+    h = hashlib.sha256()
+    for src in _SOURCES:
+        h.update(src.read_bytes())
+    h.update(" ".join(_CFLAGS).encode())
+    h.update(torch.__version__.encode())
+    h.update(sys.version.encode())
+    return h.hexdigest()[:16]
+
+
+def _build():
+    from torch.utils import cpp_extension
+
+    build_dir = cache_root() / build_hash()
+    build_dir.mkdir(parents=True, exist_ok=True)
+    fresh = not any(build_dir.glob(f"{_NAME}*.so"))
+    if fresh:
+        print(f"dfplan: compiling CPU kernels once into {build_dir} (about a minute)",
+              file=sys.stderr, flush=True)
+    return cpp_extension.load(
+        name=_NAME,
+        sources=[str(s) for s in _SOURCES],
+        extra_cflags=_CFLAGS,
+        build_directory=str(build_dir),
+        verbose=False,
+    )
+
+
+def _self_check(ext, isa: int) -> bool:
+    """The chosen path must agree with the portable one on awkward shapes."""
+    g = torch.Generator().manual_seed(1234)
+    for tokens, out_f, in_f in ((1, 37, 203), (11, 70, 650), (9, 5, 64)):
+        x = torch.randn(tokens, in_f, generator=g)
+        bits = pack_signs(torch.randn(out_f, in_f, generator=g))
+        rs = torch.rand(out_f, generator=g) + 0.5
+        a = ext.binary_linear(x, bits, rs, None, None, None, None, None, None, None, in_f, isa)
+        b = ext.binary_linear(x, bits, rs, None, None, None, None, None, None, None, in_f, 0)
+        q = torch.randint(-128, 128, (out_f, in_f), generator=g, dtype=torch.int8)
+        c = ext.int8_linear(x, q, rs, None, isa)
+        d = ext.int8_linear(x, q, rs, None, 0)
+        if not (torch.equal(a, b) and torch.equal(c, d)):
+            return False
+    return True
+
+
+def _load() -> None:
+    if os.environ.get("DFPLAN_NO_CPP") == "1":
+        _state.update(ext=None, isa=0, error="disabled by DFPLAN_NO_CPP=1")
+        return
+    try:
+        ext = _build()
+    except Exception as e:  # no compiler, headers, ninja, ... -> reference path
+        msg = str(e).strip().splitlines()
+        msg = msg[-1] if msg else type(e).__name__
+        _state.update(ext=None, isa=0, error=msg)
+        warnings.warn(f"dfplan: CPU kernels could not be built ({msg}); using the slow "
+                      "pure-torch reference path", RuntimeWarning, stacklevel=3)
+        return
+    isa = int(ext.best_isa())
+    while isa > 0 and not _self_check(ext, isa):
+        warnings.warn(f"dfplan: the {ISA_NAMES[isa]} CPU kernel disagrees with the portable "
+                      "one on this machine; not using it", RuntimeWarning, stacklevel=3)
+        isa -= 1
+    _state.update(ext=ext, isa=isa, error=None)
+
+
+def extension():
+    """The compiled module, or None when it cannot be built (warned once)."""
+    if "ext" not in _state:
+        with _lock:
+            if "ext" not in _state:
+                _load()
+    return _state["ext"]
+
+
+def available() -> bool:
+    return extension() is not None
+
+
+def best_isa() -> int:
+    """Instruction-set level the kernels use: 0 portable, 1 AVX2, 2 AVX-512 VNNI."""
+    extension()
+    return _state["isa"]
+
+
+def build_error() -> str | None:
+    extension()
+    return _state["error"]
+
+
+def binary_linear_cpu(x2, bits, row_scale, in_features, col_scale=None, col_shift=None,
+                      u=None, u_scale=None, v=None, v_scale=None, bias=None, isa=None):
+    """x2 (T, in) float32 contiguous -> (T, out) float32. Arguments already validated."""
+    ext = extension()
+    return ext.binary_linear(x2, bits, row_scale, col_scale, col_shift, u, u_scale, v, v_scale,
+                             bias, in_features, _state["isa"] if isa is None else isa)
+
+
+def int8_linear_cpu(x2, qweight, scale, bias=None, isa=None):
+    """x2 (T, in) float32 contiguous -> (T, out) float32. Arguments already validated."""
+    ext = extension()
+    return ext.int8_linear(x2, qweight, scale, bias, _state["isa"] if isa is None else isa)

@@ -1,0 +1,224 @@
+"""Kernel entry points: validate once, then pick a backend by device, dtype and shape.
+
+Backends:
+- "cpu":    C++ kernels (kernels/cpu.py). x is quantized per token to int8 for the sign
+            product (see kernels/ref.py act_quant); corrections, shifts and bias stay fp32.
+- "triton": GPU kernels (kernels/triton_linear.py), fp32 accumulation, no activation quantization.
+- "ref":    pure torch, dequantize then F.linear (the exact maths of the formats).
+
+DFPLAN_KERNELS=auto|ref|cpu|triton forces one (auto: CUDA tensors -> triton, CPU tensors ->
+cpu, anything else or an unavailable backend -> ref). Forcing a backend that cannot run the
+given tensors is an error, never a silent fallback. Calls that need gradients use ref.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dfplan.errors import DfplanError
+
+from . import ref
+from .packing import packed_cols
+
+MODES = ("auto", "ref", "cpu", "triton")
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def kernel_mode() -> str:
+    mode = os.environ.get("DFPLAN_KERNELS", "auto").strip().lower() or "auto"
+    if mode not in MODES:
+        raise DfplanError(f"DFPLAN_KERNELS={mode!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
+    """The backend that will run for activations x (honours DFPLAN_KERNELS / `backend`)."""
+    mode = (backend or kernel_mode()).lower()
+    if mode not in MODES:
+        raise DfplanError(f"kernel backend {mode!r} is not one of {', '.join(MODES)}")
+    dev = x.device
+    if mode == "ref":
+        return "ref"
+    if mode == "cpu":
+        if dev.type != "cpu":
+            raise DfplanError(f"CPU kernels were requested but the tensors are on {dev}; "
+                              "unset DFPLAN_KERNELS or move the model to the CPU")
+        from . import cpu
+        if not cpu.available():
+            raise DfplanError(f"CPU kernels were requested but could not be built "
+                              f"({cpu.build_error()}); install a C++ compiler or unset DFPLAN_KERNELS")
+        return "cpu"
+    if mode == "triton":
+        if not _triton_usable(dev):
+            raise DfplanError(f"Triton kernels were requested for tensors on {dev}; they need a "
+                              "CUDA device and an importable triton (or TRITON_INTERPRET=1)")
+        return "triton"
+    # auto
+    if dev.type == "cuda":
+        return "triton" if _triton_usable(dev) else "ref"
+    if dev.type == "cpu":
+        from . import cpu
+        return "cpu" if cpu.available() else "ref"
+    return "ref"
+
+
+# --- validation ---------------------------------------------------------------------------
+
+def _fail(fn: str, msg: str):
+    raise DfplanError(f"{fn}: {msg}")
+
+
+def _check_vec(fn, name, t, n, device):
+    if not isinstance(t, torch.Tensor):
+        _fail(fn, f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        _fail(fn, f"{name} must be float32/float16/bfloat16, got {t.dtype}")
+    if t.dim() != 1 or t.shape[0] != n:
+        _fail(fn, f"{name} must have shape ({n},), got {tuple(t.shape)}")
+    if t.device != device:
+        _fail(fn, f"{name} is on {t.device} but x is on {device}; move the module and x together")
+
+
+def _check_mat(fn, name, t, dtype, shape, device):
+    if not isinstance(t, torch.Tensor):
+        _fail(fn, f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype != dtype:
+        _fail(fn, f"{name} must be {dtype}, got {t.dtype}")
+    if t.dim() != 2 or (shape[0] is not None and t.shape[0] != shape[0]) or \
+            (shape[1] is not None and t.shape[1] != shape[1]):
+        want = tuple("?" if s is None else s for s in shape)
+        _fail(fn, f"{name} must have shape {want}, got {tuple(t.shape)}")
+    if not t.is_contiguous():
+        _fail(fn, f"{name} must be contiguous (call .contiguous() when loading the weights)")
+    if t.device != device:
+        _fail(fn, f"{name} is on {t.device} but x is on {device}; move the module and x together")
+
+
+def _check_x(fn, x, in_features):
+    if not isinstance(x, torch.Tensor):
+        _fail(fn, f"x must be a tensor, got {type(x).__name__}")
+    if x.dtype not in _FLOATS:
+        _fail(fn, f"x must be float32/float16/bfloat16, got {x.dtype}")
+    if x.dim() < 1 or x.shape[-1] != in_features:
+        _fail(fn, f"x must have shape (..., {in_features}), got {tuple(x.shape)}")
+
+
+def check_binary_args(x, bits, row_scale, in_features, col_scale, col_shift, u, u_scale, v,
+                      v_scale, bias) -> None:
+    fn = "binary_linear"
+    if not isinstance(in_features, int) or in_features <= 0:
+        _fail(fn, f"in_features must be a positive int, got {in_features!r}")
+    _check_x(fn, x, in_features)
+    dev = x.device
+    _check_mat(fn, "bits", bits, torch.uint8, (None, packed_cols(in_features)), dev)
+    out_f = bits.shape[0]
+    if (col_scale is None) != (col_shift is None):
+        _fail(fn, "col_scale and col_shift (FBI) must be given together")
+    if col_scale is not None:
+        if row_scale is not None:
+            _fail(fn, "pass either row_scale (row scaling) or col_scale/col_shift (FBI), not both")
+        _check_vec(fn, "col_scale", col_scale, in_features, dev)
+        _check_vec(fn, "col_shift", col_shift, in_features, dev)
+    elif row_scale is None:
+        _fail(fn, "row_scale is required unless col_scale/col_shift (FBI) are given")
+    else:
+        _check_vec(fn, "row_scale", row_scale, out_f, dev)
+    corr = (u, u_scale, v, v_scale)
+    if any(t is not None for t in corr):
+        if any(t is None for t in corr):
+            _fail(fn, "the low-rank correction needs all of u, u_scale, v, v_scale")
+        _check_mat(fn, "u", u, torch.int8, (out_f, None), dev)
+        r = u.shape[1]
+        _check_mat(fn, "v", v, torch.int8, (r, in_features), dev)
+        _check_vec(fn, "u_scale", u_scale, out_f, dev)
+        _check_vec(fn, "v_scale", v_scale, r, dev)
+    if bias is not None:
+        _check_vec(fn, "bias", bias, out_f, dev)
+
+
+def check_int8_args(x, qweight, scale, bias) -> None:
+    fn = "int8_linear"
+    if not isinstance(qweight, torch.Tensor) or qweight.dim() != 2:
+        _fail(fn, "qweight must be a 2-D int8 tensor (out, in)")
+    out_f, in_f = qweight.shape
+    _check_x(fn, x, in_f)
+    _check_mat(fn, "qweight", qweight, torch.int8, (out_f, in_f), x.device)
+    _check_vec(fn, "scale", scale, out_f, x.device)
+    if bias is not None:
+        _check_vec(fn, "bias", bias, out_f, x.device)
+
+
+def _needs_grad(*ts) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+
+
+# --- entry points ---------------------------------------------------------------------------
+
+def binary_linear(x, bits, row_scale, in_features, *, col_scale=None, col_shift=None, u=None,
+                  u_scale=None, v=None, v_scale=None, bias=None, backend: str | None = None):
+    """y = row_scale * (S @ x) [FBI: S @ (col_scale * x) + col_shift . x]
+           + (u * u_scale) @ ((v * v_scale) @ x) + bias.
+
+    x (..., in) float32/float16/bfloat16 -> y (..., out) in x's dtype. bits (out, ceil(in/8))
+    uint8 in kernels/packing.py layout; u int8 (out, r), v int8 (r, in); scales any float dtype.
+    x may be non-contiguous (it is copied); weights must be contiguous.
+    """
+    check_binary_args(x, bits, row_scale, in_features, col_scale, col_shift, u, u_scale, v,
+                      v_scale, bias)
+    kw = dict(col_scale=col_scale, col_shift=col_shift, u=u, u_scale=u_scale, v=v,
+              v_scale=v_scale, bias=bias)
+    be = select_backend(x, backend)
+    if be == "ref" or _needs_grad(x, row_scale, col_scale, col_shift, u_scale, v_scale, bias):
+        return ref.binary_linear_ref(x, bits, row_scale, in_features, **kw)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, in_features)
+    if be == "cpu":
+        from .cpu import binary_linear_cpu
+        y = binary_linear_cpu(x2.float().contiguous(), bits, row_scale, in_features, **kw)
+    else:
+        from .triton_linear import binary_linear_triton
+        y = binary_linear_triton(x2.contiguous(), bits, row_scale, in_features, **kw)
+    return y.to(x.dtype).reshape(*lead, bits.shape[0])
+
+
+def int8_linear(x, qweight, scale, bias=None, *, backend: str | None = None):
+    """y = x @ (qweight * scale[:, None]).T + bias; qweight int8 (out, in), scale (out,)."""
+    check_int8_args(x, qweight, scale, bias)
+    be = select_backend(x, backend)
+    if be == "ref" or _needs_grad(x, scale, bias):
+        return ref.int8_linear_ref(x, qweight, scale, bias)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, qweight.shape[1])
+    if be == "cpu":
+        from .cpu import int8_linear_cpu
+        y = int8_linear_cpu(x2.float().contiguous(), qweight, scale, bias)
+    else:
+        from .triton_linear import int8_linear_triton
+        y = int8_linear_triton(x2.contiguous(), qweight, scale, bias)
+    return y.to(x.dtype).reshape(*lead, qweight.shape[0])
+
+
+def int8_embedding(ids, qweight, scale, dtype=torch.float32):
+    """ids (...) int64 -> (..., d): rows of qweight * scale[:, None] (gather, then scale)."""
+    if ids.dtype not in (torch.int64, torch.int32):
+        raise DfplanError(f"int8_embedding: ids must be int64/int32, got {ids.dtype}")
+    if qweight.dtype != torch.int8 or qweight.dim() != 2:
+        raise DfplanError("int8_embedding: qweight must be a 2-D int8 tensor (vocab, d)")
+    flat = ids.reshape(-1)
+    # CPU only: on CUDA the check would synchronise (and break graph capture).
+    if flat.device.type == "cpu" and flat.numel() and \
+            (int(flat.min()) < 0 or int(flat.max()) >= qweight.shape[0]):
+        raise DfplanError(f"int8_embedding: token ids must lie in [0, {qweight.shape[0]})")
+    rows = qweight.index_select(0, flat).to(dtype)
+    return (rows * scale.index_select(0, flat).to(dtype)[:, None]).reshape(*ids.shape, -1)
