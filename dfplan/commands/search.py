@@ -1,0 +1,51 @@
+"""`dfplan search`: choose a format per layer under a byte budget (exact MILP, optionally Optuna)."""
+from __future__ import annotations
+
+import sys
+
+import click
+
+
+def _info(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.command(name="search", help="Choose per-layer formats under a memory budget.\n\n"
+               "  dfplan search --model runs/teacher --budget 300MB --out run\n"
+               "  dfplan search --model preset:mamba2-1.3b --random-init --budget 278MB --out run")
+@click.option("--model", "model_arg", required=True,
+              help="Checkpoint dir, hub id or preset:NAME (config only; weights only for --objective measured).")
+@click.option("--budget", required=True, help="Byte budget: 300MB (10^6), 278MiB (2^20), 2.5GB or plain bytes.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (plan.json, plan.md, study.db).")
+@click.option("--sensitivity", default=None, type=click.Path(dir_okay=False),
+              help="Sensitivity table (default: OUT/sensitivity.csv).")
+@click.option("--solver", type=click.Choice(["milp", "tpe", "nsga2", "all"]), default="milp", show_default=True,
+              help="milp: exact optimum of the additive KL; tpe / nsga2: Optuna, warm-started from it.")
+@click.option("--trials", default=200, show_default=True, type=click.IntRange(min=0),
+              help="Total Optuna trials per study (a rerun resumes and runs only the rest).")
+@click.option("--objective", type=click.Choice(["predicted", "measured"]), default="predicted", show_default=True,
+              help="predicted: sum of per-unit KL; measured: true KL of each plan on held-out windows (needs --corpus).")
+@click.option("--storage", default=None,
+              help="Optuna RDB URL (default sqlite:///OUT/study.db; e.g. postgresql://user@host/db to share a study).")
+@click.option("--corpus", multiple=True, help="Held-out text for --objective measured: file, folder, glob or 'builtin'.")
+@click.option("--tokenizer", default=None, help="tokenizer.json or hub id (default: the model's own).")
+@click.option("--heldout-windows", default=16, show_default=True, type=click.IntRange(min=1),
+              help="Held-out windows per measured plan.")
+@click.option("--seq-len", default=None, type=click.IntRange(min=2),
+              help="Held-out window length (default: the sensitivity table's, so windows stay disjoint from its calibration).")
+@click.option("--random-init", is_flag=True, help="A preset without weights: plan with the size-only prior.")
+@click.option("--prior", is_flag=True, help="Use the size-only prior instead of a sensitivity table (no quality claim).")
+@click.option("--front-points", default=24, show_default=True, type=click.IntRange(min=2),
+              help="Budgets swept for the MILP Pareto front.")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--time-limit", default=120.0, show_default=True, type=click.FloatRange(min=1),
+              help="Seconds per MILP solve.")
+def command(model_arg, budget, out, sensitivity, solver, trials, objective, storage, corpus, tokenizer,
+            heldout_windows, seq_len, random_init, prior, front_points, seed, time_limit):
+    from ..planner.run import SearchOptions, search
+    search(SearchOptions(model=model_arg, budget=budget, out=out, sensitivity=sensitivity, solver=solver,
+                         trials=trials, objective=objective, storage=storage, corpus=tuple(corpus),
+                         tokenizer=tokenizer, random_init=random_init, prior=prior, seed=seed,
+                         front_points=front_points, heldout_windows=heldout_windows, seq_len=seq_len,
+                         time_limit=time_limit, progress=sys.stderr.isatty(), argv=tuple(sys.argv[1:])),
+           say=_info)

@@ -1,0 +1,79 @@
+"""True KL of a candidate plan on held-out windows: the `--objective measured` evaluator.
+
+A plan is applied to a deep copy of the teacher (formats.apply.apply_plan quantises exactly
+as the packed artifact will) and scored with KL(teacher || student) per token, in nats, the
+quantity of dfplan.evaluate.kl_to_teacher. The teacher's log-probabilities are computed once
+and kept, so each trial costs one student forward pass over the windows instead of two.
+
+Held-out windows: the valid split of dfplan.data.split_windows with the sensitivity
+analyzer's fraction (10%) and seed, so they never overlap its calibration windows.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..errors import DfplanError
+from .space import SearchSpace
+
+VALID_FRACTION = 0.1
+
+
+def heldout_windows(tokens: np.ndarray, seq_len: int, n_max: int, seed: int = 0) -> np.ndarray:
+    """Up to n_max valid windows (evenly spaced over the valid split) -> (n, seq_len + 1) int64."""
+    from ..data import gather, split_windows
+
+    split = split_windows(len(tokens), seq_len, VALID_FRACTION, seed)
+    starts = split.valid
+    if n_max and len(starts) > n_max:
+        starts = starts[np.linspace(0, len(starts) - 1, n_max).round().astype(np.int64)]
+    return gather(tokens, starts, seq_len + 1)
+
+
+@dataclass
+class MeasuredKL:
+    """Callable: assignment (unit -> spec) -> mean per-token KL(teacher || plan), nats."""
+    teacher: torch.nn.Module
+    windows: np.ndarray               # (N, L + 1) int64
+    space: SearchSpace
+    batch_size: int = 8
+    calls: int = 0
+    seconds: float = 0.0
+
+    def __post_init__(self):
+        w = torch.as_tensor(np.asarray(self.windows), dtype=torch.long)
+        if w.dim() != 2 or w.shape[1] < 2 or w.shape[0] < 1:
+            raise DfplanError(f"held-out windows must be (N >= 1, L >= 2) token ids, got {tuple(w.shape)}")
+        self._x = w[:, :-1]
+        self._vocab = self.space.cfg.vocab_size
+        self.teacher.eval()
+        with torch.no_grad():
+            self._t_logp = [F.log_softmax(self.teacher(b).float()[..., :self._vocab], -1)
+                            for b in self._x.split(self.batch_size)]          # (b, L, V) each
+
+    @torch.no_grad()
+    def kl(self, student: torch.nn.Module) -> float:
+        total, count = 0.0, 0
+        for b, lt in zip(self._x.split(self.batch_size), self._t_logp):
+            ls = F.log_softmax(student(b).float()[..., :self._vocab], -1)
+            total += (lt.exp() * (lt - ls)).sum().item()
+            count += b.numel()
+        return total / count
+
+    def student(self, assignment) -> torch.nn.Module:
+        from ..formats.apply import apply_plan
+        plan = self.space.to_plan(assignment)
+        model = copy.deepcopy(self.teacher)
+        return apply_plan(model, plan, generator=torch.Generator().manual_seed(0)).eval()
+
+    def __call__(self, assignment) -> float:
+        import time
+        t0 = time.perf_counter()
+        v = self.kl(self.student(assignment))
+        self.calls += 1
+        self.seconds += time.perf_counter() - t0
+        return v

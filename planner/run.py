@@ -1,0 +1,232 @@
+"""`dfplan search` as a library call: scores -> space -> exact MILP (+ Optuna) -> run/plan.json.
+
+Steps, each refusing bad input before anything is written:
+  1. the model's config (no weights unless --objective measured);
+  2. per-unit KL: the sensitivity table (validated against the model), or the size-only
+     prior for a preset with --random-init (or --prior);
+  3. the space (candidates x exact bytes) and the budget check against the smallest model;
+  4. the MILP optimum at the budget (always: it is the certificate and the warm start), the
+     Pareto front by sweeping budgets, uniform allocations for comparison;
+  5. Optuna (TPE / NSGA-II) when asked, resuming its study in the run directory;
+  6. the chosen plan: the MILP optimum for the predicted objective (Optuna can only tie it),
+     the best measured feasible trial for the measured objective;
+  7. plan.json (atomic), plan.md, pareto.csv.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import DfplanError
+from .budget import format_bytes, parse_bytes
+from .milp import pareto_front, solve
+from .optuna_search import SAMPLERS, _redact, run_search
+from .plan import Plan
+from .prior import NOTE as PRIOR_NOTE
+from .prior import prior_surrogate
+from .space import build_space
+from .surrogate import fit_correction, load_surrogate, tracking
+from .uniform import uniform_allocations
+
+SOLVERS = ("milp", "tpe", "nsga2", "all")
+
+
+@dataclass(frozen=True)
+class SearchOptions:
+    model: str
+    budget: str | int
+    out: str
+    sensitivity: str | None = None
+    solver: str = "milp"
+    trials: int = 200
+    objective: str = "predicted"
+    storage: str | None = None
+    corpus: tuple = ()
+    tokenizer: str | None = None
+    random_init: bool = False
+    prior: bool = False
+    seed: int = 0
+    front_points: int = 24
+    heldout_windows: int = 16
+    seq_len: int | None = None
+    batch_size: int = 8
+    time_limit: float = 120.0
+    progress: bool = True
+    argv: tuple = field(default_factory=tuple)
+
+
+def _validate(o: SearchOptions) -> int:
+    budget = parse_bytes(o.budget)
+    if o.solver not in SOLVERS:
+        raise DfplanError(f"unknown --solver {o.solver!r}; choose one of {', '.join(SOLVERS)}")
+    if o.objective not in ("predicted", "measured"):
+        raise DfplanError(f"unknown --objective {o.objective!r}; choose predicted or measured")
+    if o.trials < 0:
+        raise DfplanError(f"--trials must be >= 0, got {o.trials}")
+    if o.objective == "measured":
+        if o.random_init:
+            raise DfplanError("--objective measured needs trained weights; drop --random-init")
+        if not o.corpus:
+            raise DfplanError("--objective measured needs --corpus (held-out text to measure KL on)")
+    return budget
+
+
+def _scores(o: SearchOptions, cfg, out: Path):
+    """-> Surrogate, from the table or the prior."""
+    if o.prior or (o.random_init and o.sensitivity is None):
+        return prior_surrogate(cfg)
+    table = Path(o.sensitivity) if o.sensitivity else out / "sensitivity.csv"
+    if not table.is_file():
+        if o.sensitivity is None and o.model.startswith("preset:"):
+            raise DfplanError(f"{o.model} has no weights and {table} does not exist: add --random-init "
+                              f"to plan with the size-only prior, or pass --sensitivity TABLE")
+        raise DfplanError(f"sensitivity table {table} does not exist; run `dfplan sensitivity --model "
+                          f"{o.model} --corpus C --out {table}` first, pass --sensitivity PATH, or --prior "
+                          f"for the size-only prior (no quality claim)")
+    return load_surrogate(table, cfg)
+
+
+def _measured_evaluator(o: SearchOptions, cfg, space, sur):
+    from ..data import load_tokens
+    from ..loading import load_model
+    from ..tokenizer import check_vocab, load_tokenizer
+    from .measured import MeasuredKL, heldout_windows
+
+    model, tok = load_model(o.model)
+    model = model.float()
+    if o.tokenizer:
+        tok = load_tokenizer(o.tokenizer)
+    if tok is None:
+        raise DfplanError(f"{o.model} has no tokenizer.json; pass --tokenizer for --objective measured")
+    check_vocab(tok, model.config)
+    stream = load_tokens(list(o.corpus), tok)
+    # the analyzer's split seed keeps these windows out of its calibration windows
+    calib = sur.provenance.get("calibration") or {}
+    seed = int(calib["seed"]) if isinstance(calib.get("seed"), int) else o.seed
+    seq_len = o.seq_len or (int(calib["seq_len"]) if isinstance(calib.get("seq_len"), int) else 256)
+    windows = heldout_windows(stream.tokens, seq_len, o.heldout_windows, seed)
+    ev = MeasuredKL(model, windows, space, batch_size=o.batch_size)
+    return ev, {"corpus": [str(f) for f in stream.files], "seq_len": seq_len, "windows": int(len(windows)),
+                "split_seed": seed}
+
+
+def _git_commit() -> str | None:
+    import subprocess
+    root = Path(__file__).resolve().parent.parent
+    try:
+        r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return r.stdout.strip() or None
+
+
+def _versions() -> dict:
+    from importlib import metadata
+    out = {}
+    for n in ("dfplan", "optuna", "scipy", "numpy"):
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = None
+    return out
+
+
+def search(o: SearchOptions, say=print) -> Plan:
+    """Run the search described by `o`; writes OUT/plan.json, plan.md, pareto.csv; -> the Plan."""
+    from ..loading import load_config
+    from .summary import render_summary, write_front_csv
+
+    t0 = time.perf_counter()
+    budget = _validate(o)
+    out = Path(o.out)
+    if out.exists() and not out.is_dir():
+        raise DfplanError(f"--out {out} is a file; pass a run directory")
+    cfg = load_config(o.model)
+    sur = _scores(o, cfg, out)
+    space = build_space(cfg, sur.candidates())
+    space.check_budget(budget)
+    say(f"{cfg.name}: {len(space.units)} units, {sum(len(u.specs) for u in space.units)} choices, "
+        f"fixed {format_bytes(space.fixed_bytes)}; sizes {format_bytes(space.min_bytes, False)} .. "
+        f"{format_bytes(space.max_bytes, False)}; budget {format_bytes(budget)}; scores: {sur.source}")
+
+    evaluator, measured_info = None, {}
+    if o.objective == "measured":
+        evaluator, measured_info = _measured_evaluator(o, cfg, space, sur)
+
+    milp = solve(space, sur, budget, time_limit=o.time_limit)
+    say(f"milp: {format_bytes(milp.total_bytes)}, predicted KL {milp.predicted_kl:.6g} "
+        f"({milp.status}, gap {milp.gap:.2g}, {milp.seconds:.2f} s)")
+    front = pareto_front(space, sur, n_points=o.front_points, time_limit=o.time_limit)
+    uniforms = uniform_allocations(space, sur)
+
+    chosen, solver_used = milp.assignment, "milp"
+    chosen_kl_measured = None
+    runs = {}
+    samplers = [s for s in SAMPLERS if o.solver in (s, "all")]
+    storage = o.storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    for s in samplers:
+        warm = [milp.assignment] + ([p.assignment for p in front if p.total_bytes <= budget][-8:]
+                                    if s == "nsga2" else [])
+        res = run_search(space, sur, budget, sampler=s, n_trials=o.trials, storage=storage,
+                         objective=o.objective, evaluator=evaluator, warm_starts=warm, seed=o.seed,
+                         progress=o.progress)
+        runs[s] = res
+        b = res.best
+        say(f"{s}: {res.n_trials} trials ({res.n_new} new, {res.seconds:.1f} s), best "
+            + ("none feasible" if b is None else f"KL {b.value:.6g} at {format_bytes(b.total_bytes, False)}"))
+
+    if o.objective == "measured":
+        bests = [r.best for r in runs.values() if r.best is not None and r.best.measured]
+        if bests:
+            b = min(bests, key=lambda r: (r.value, r.total_bytes))
+            chosen, chosen_kl_measured = dict(b.assignment), b.value
+            solver_used = next(k for k, r in runs.items() if r.best is b)
+        else:   # solver milp only: measure the certified predicted optimum
+            chosen_kl_measured = float(evaluator(milp.assignment))
+    elif o.solver in SAMPLERS:
+        b = runs[o.solver].best        # warm-started from the MILP, so never worse
+        if b is not None and b.value < milp.predicted_kl:
+            chosen = dict(b.assignment)
+        solver_used = o.solver
+
+    # correction fitted on every measured plan we have
+    corr_info = None
+    measured_pts = [(t.additive_kl, t.value) for r in runs.values() for t in r.trials if t.measured]
+    if measured_pts:
+        a, m = zip(*measured_pts)
+        corr = fit_correction(a, m)
+        sur = sur.with_correction(corr)
+        corr_info = {"correction": corr.to_dict(), "tracking": tracking(a, m, corr).to_dict()}
+
+    nbytes = space.total_bytes(chosen)
+    assert nbytes <= budget
+    notes = [f"{solver_used} plan for {format_bytes(budget)} on {cfg.name}"]
+    if sur.source == "prior":
+        notes.insert(0, PRIOR_NOTE)
+    prov = {
+        "command": "dfplan search", "argv": list(o.argv), "model": o.model, "budget": str(o.budget),
+        "scores": sur.source, "scores_provenance": sur.provenance, "objective": o.objective,
+        "solver_requested": o.solver,
+        "milp": milp.to_dict(),
+        "optuna": {k: r.summary() for k, r in runs.items()},
+        "storage": _redact(storage) if runs else None,
+        "correction": corr_info, "measured": measured_info or None,
+        "measured_kl": chosen_kl_measured,
+        "space": {"units": len(space.units), "choices": sum(len(u.specs) for u in space.units),
+                  "fixed_bytes": space.fixed_bytes, "min_bytes": space.min_bytes, "max_bytes": space.max_bytes},
+        "uniform": [{"name": u.name, "bytes": u.total_bytes, "predicted_kl": u.predicted_kl} for u in uniforms],
+        "git_commit": _git_commit(), "versions": _versions(), "seed": o.seed,
+        "wall_s": round(time.perf_counter() - t0, 3),
+    }
+    plan = space.to_plan(chosen, budget_bytes=budget, predicted_kl=float(sur.predict(chosen)),
+                         solver=solver_used, notes="; ".join(notes), provenance=prov)
+    out.mkdir(parents=True, exist_ok=True)
+    plan.to_json(out / "plan.json")
+    write_front_csv(out / "pareto.csv", front, sur)
+    from ..fileio import write_text_atomic
+    write_text_atomic(out / "plan.md", render_summary(plan, space, sur, milp, front, uniforms, runs, budget,
+                                                      evaluator_info=measured_info))
+    say(f"wrote {out / 'plan.json'}: {format_bytes(nbytes)}, predicted KL {plan.predicted_kl:.6g}"
+        + (f", measured KL {chosen_kl_measured:.6g}" if chosen_kl_measured is not None else ""))
+    return plan

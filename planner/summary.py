@@ -1,0 +1,99 @@
+"""plan.md and pareto.csv: what the search chose, why, and what it was compared with."""
+from __future__ import annotations
+
+import csv
+from collections import Counter
+from pathlib import Path
+
+from tabulate import tabulate
+
+from ..fileio import atomic_path
+from .budget import format_bytes
+from .milp import solve
+
+
+def write_front_csv(path: Path, front, sur) -> None:
+    """bytes, additive KL, predicted KL of each MILP front point (+ its format counts)."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["budget", "bytes", "additive_kl", "predicted_kl", "formats"])
+        for p in front:
+            counts = Counter(s.name for s in p.assignment.values())
+            w.writerow([p.budget, p.total_bytes, f"{p.additive_kl:.9g}", f"{sur.correction(p.additive_kl):.9g}",
+                        " ".join(f"{k}x{v}" for k, v in sorted(counts.items()))])
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.3f}"
+
+
+def render_summary(plan, space, sur, milp, front, uniforms, runs, budget: int, evaluator_info=None) -> str:
+    prov = plan.provenance
+    lines = [f"# Plan for {space.cfg.name} under {format_bytes(budget)}", ""]
+    if plan.notes:
+        lines += [f"> {plan.notes}", ""]
+    head = [["budget", format_bytes(budget)],
+            ["predicted bytes", format_bytes(plan.predicted_bytes)],
+            ["headroom", f"{budget - plan.predicted_bytes:,} bytes"],
+            ["predicted KL (nats/token)", f"{plan.predicted_kl:.6g}"],
+            ["solver", plan.solver],
+            ["scores", sur.source],
+            ["MILP", f"{milp.status}, gap {milp.gap:.2g}, dual bound {milp.dual_bound:.6g}, {milp.seconds:.2f} s"]]
+    if prov.get("measured_kl") is not None:
+        head.append(["measured KL (held-out)", f"{prov['measured_kl']:.6g}"])
+    lines += [tabulate(head, tablefmt="github", headers=["", ""]), ""]
+
+    # formats per kind
+    by_kind: dict[str, Counter] = {}
+    for u in space.units:
+        by_kind.setdefault(u.unit.kind, Counter())[plan.specs[u.unit.name].name] += 1
+    rows = [[k, ", ".join(f"{s} x{n}" for s, n in sorted(c.items(), key=lambda x: -x[1]))]
+            for k, c in by_kind.items()]
+    ranks = [s.rank for s in plan.specs.values() if getattr(s, "rank", 0)]
+    lines += ["## Formats by kind", "", tabulate(rows, headers=["kind", "formats"], tablefmt="github"), ""]
+    if ranks:
+        lines += [f"Low-rank corrections on {len(ranks)} units, mean rank {sum(ranks) / len(ranks):.1f}.", ""]
+
+    # comparison with uniform allocations at their own bytes
+    if uniforms:
+        rows = []
+        for u in uniforms:
+            try:
+                m = solve(space, sur, u.total_bytes, time_limit=30).predicted_kl
+            except Exception:   # a uniform below the minimum cannot happen; be safe in a report
+                m = float("nan")
+            rows.append([u.name, _mb(u.total_bytes), f"{u.predicted_kl:.6g}", f"{m:.6g}",
+                         "yes" if u.total_bytes <= budget else ""])
+        lines += ["## Uniform allocations vs the exact optimum at the same bytes", "",
+                  tabulate(rows, headers=["uniform", "MB", "predicted KL", "MILP KL at same bytes", "fits budget"],
+                           tablefmt="github"), ""]
+
+    if runs:
+        rows = [[k, r.n_trials, r.n_new, sum(t.feasible for t in r.trials),
+                 "" if r.best is None else f"{r.best.value:.6g}",
+                 "" if r.best is None else _mb(r.best.total_bytes), f"{r.seconds:.1f}"] for k, r in runs.items()]
+        lines += ["## Optuna", "", f"MILP optimum (predicted): {milp.predicted_kl:.6g}", "",
+                  tabulate(rows, headers=["sampler", "trials", "new", "feasible", "best KL", "MB", "s"],
+                           tablefmt="github"), ""]
+    corr = prov.get("correction")
+    if corr:
+        t = corr["tracking"]
+        lines += ["## Surrogate vs measured", "",
+                  f"Fitted measured ~= {corr['correction']['scale']:.4g} * additive^{corr['correction']['power']:.3f} "
+                  f"on {t['n']} measured plans: Spearman {t['spearman']}, Pearson(log) {t['pearson_log']}, "
+                  f"median relative error {t['median_rel_err']} (plain sum: {t['raw_median_rel_err']}).", ""]
+
+    if front:
+        rows = [[_mb(p.total_bytes), f"{p.predicted_kl:.6g}"] for p in front]
+        lines += ["## Pareto front (MILP, bytes vs predicted KL)", "",
+                  tabulate(rows, headers=["MB", "predicted KL"], tablefmt="github"), "",
+                  "Full front with format counts: pareto.csv.", ""]
+
+    rows = [[u.unit.name, u.unit.kind, plan.specs[u.unit.name].name,
+             f"{plan.specs[u.unit.name].nbytes(u.unit.shape):,}", f"{sur.unit_kl(u.unit.name, plan.specs[u.unit.name]):.4g}"]
+            for u in space.units]
+    lines += ["## Per unit", "", tabulate(rows, headers=["unit", "kind", "format", "bytes", "unit KL"],
+                                           tablefmt="github"), "",
+              f"Fixed tensors (norms, conv1d, A_log, D, dt_bias, biases) in {space.default.name}: "
+              f"{space.fixed_bytes:,} bytes.", ""]
+    return "\n".join(lines)
