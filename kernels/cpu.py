@@ -129,14 +129,17 @@ def build_error() -> str | None:
 
 
 def binary_linear_cpu(x2, bits, row_scale, in_features, col_scale=None, col_shift=None,
-                      u=None, u_scale=None, v=None, v_scale=None, bias=None, isa=None):
-    """x2 (T, in) float32 contiguous -> (T, out) float32. Arguments already validated."""
+                      u=None, u_scale=None, v=None, v_scale=None, bias=None, isa=None, out=None):
+    """x2 (T, in) float32 contiguous -> (T, out) float32. Arguments already validated.
+
+    isa: force an instruction-set level (tests); out: a float32 (T, out) tensor to write into.
+    """
     ext = extension()
     return ext.binary_linear(x2, bits, row_scale, col_scale, col_shift, u, u_scale, v, v_scale,
-                             bias, in_features, _state["isa"] if isa is None else isa)
+                             bias, in_features, _state["isa"] if isa is None else isa, out)
 
 
-def int8_linear_cpu(x2, qweight, scale, bias=None, isa=None):
+def int8_linear_cpu(x2, qweight, scale, bias=None, isa=None, out=None):
     """x2 (T, in) float32 contiguous -> (T, out) float32. Arguments already validated."""
     ext = extension()
-    return ext.int8_linear(x2, qweight, scale, bias, _state["isa"] if isa is None else isa)
+    return ext.int8_linear(x2, qweight, scale, bias, _state["isa"] if isa is None else isa, out)

@@ -193,7 +193,7 @@ void bin_rows_portable(const uint8_t* bits, int64_t nb, int64_t o0, int64_t o1, 
       for (int64_t j = 0; j < nb; ++j) {
         const unsigned b = row[j];
         const int8_t* xx = xt + 8 * j;
-        for (int k = 0; k < 8; ++k) s += ((b >> k) & 1u) ? xx[k] : 0;
+        for (int k = 0; k < 8; ++k) s += int32_t((b >> k) & 1u) * xx[k];
       }
       P[t * ld_p + (o - o0)] = s;
     }
@@ -437,6 +437,17 @@ const float* opt_f32(const c10::optional<torch::Tensor>& t, int64_t n, const cha
   return keep.back().data_ptr<float>();
 }
 
+// The result tensor: a fresh one, or the caller's (tests pass a poisoned one to prove that
+// every element is written).
+torch::Tensor output(const c10::optional<torch::Tensor>& buf, int64_t T, int64_t out) {
+  if (!buf.has_value()) return torch::empty({T, out}, torch::dtype(torch::kFloat));
+  const auto& y = *buf;
+  TORCH_CHECK(y.device().is_cpu() && y.scalar_type() == torch::kFloat && y.dim() == 2 &&
+                  y.size(0) == T && y.size(1) == out && y.is_contiguous(),
+              "out must be a contiguous float32 CPU tensor of shape (", T, ", ", out, ")");
+  return y;
+}
+
 void check_x(const torch::Tensor& x, int64_t in) {
   TORCH_CHECK(x.device().is_cpu(), "x must be a CPU tensor");
   TORCH_CHECK(x.scalar_type() == torch::kFloat, "x must be float32, got ", x.scalar_type());
@@ -457,7 +468,7 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
                             const c10::optional<torch::Tensor>& v,
                             const c10::optional<torch::Tensor>& v_scale,
                             const c10::optional<torch::Tensor>& bias, int64_t in_features,
-                            int64_t isa_req) {
+                            int64_t isa_req, const c10::optional<torch::Tensor>& out_buf) {
   const int64_t isa = resolve_isa(isa_req);
   check_x(x, in_features);
   TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == torch::kUInt8 && bits.dim() == 2,
@@ -493,7 +504,7 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
     vsp = opt_f32(v_scale, r, "v_scale", keep);
   }
 
-  auto y = torch::empty({T, out}, x.options());
+  auto y = output(out_buf, T, out);
   if (T == 0 || out == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -564,7 +575,7 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
 
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight,
                           const torch::Tensor& scale, const c10::optional<torch::Tensor>& bias,
-                          int64_t isa_req) {
+                          int64_t isa_req, const c10::optional<torch::Tensor>& out_buf) {
   const int64_t isa = resolve_isa(isa_req);
   TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == torch::kInt8 &&
                   qweight.dim() == 2 && qweight.is_contiguous(),
@@ -574,7 +585,7 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight,
   std::vector<torch::Tensor> keep;
   const float* sc = opt_f32(scale, out, "scale", keep);
   const float* bs = opt_f32(bias, out, "bias", keep);
-  auto y = torch::empty({T, out}, x.options());
+  auto y = output(out_buf, T, out);
   if (T == 0 || out == 0) return y;
   const float* xp = x.data_ptr<float>();
   float* yp = y.data_ptr<float>();
@@ -623,6 +634,11 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight,
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &best_isa, "best instruction-set level: 0 portable, 1 AVX2, 2 AVX-512 VNNI");
-  m.def("binary_linear", &binary_linear, "packed 1-bit linear (+ FBI, int8 low-rank, bias)");
-  m.def("int8_linear", &int8_linear, "int8 weight linear with per-token int8 activations");
+  m.def("binary_linear", &binary_linear, "packed 1-bit linear (+ FBI, int8 low-rank, bias)",
+        py::arg("x"), py::arg("bits"), py::arg("row_scale"), py::arg("col_scale"),
+        py::arg("col_shift"), py::arg("u"), py::arg("u_scale"), py::arg("v"), py::arg("v_scale"),
+        py::arg("bias"), py::arg("in_features"), py::arg("isa"), py::arg("out") = py::none());
+  m.def("int8_linear", &int8_linear, "int8 weight linear with per-token int8 activations",
+        py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias"), py::arg("isa"),
+        py::arg("out") = py::none());
 }

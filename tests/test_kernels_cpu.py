@@ -1,0 +1,152 @@
+"""C++ CPU kernels against their pure-torch twins, on every instruction-set path this CPU has."""
+import shutil
+
+import pytest
+import torch
+
+from dfplan.kernels import cpu
+from dfplan.kernels.packing import pack_signs
+from dfplan.kernels.ref import binary_linear_ref, int8_linear_ref, quantize_activations_ref
+
+
+def _ext_or_skip():
+    if cpu.extension() is None:
+        if shutil.which("c++") or shutil.which("g++"):
+            pytest.fail(f"a C++ compiler exists but the CPU kernels did not build: {cpu.build_error()}")
+        pytest.skip(f"no C++ compiler: {cpu.build_error()}")
+    return cpu.extension()
+
+
+@pytest.fixture(scope="module")
+def isas():
+    _ext_or_skip()
+    return list(range(cpu.best_isa() + 1))
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def poisoned(tokens, out_f):
+    return torch.full((tokens, out_f), float("nan"))
+
+
+def binary_case(seed, tokens, out_f, in_f, fbi=False, rank=0, bias=False):
+    g = gen(seed)
+    W = torch.randn(out_f, in_f, generator=g)
+    args = dict(x=torch.randn(tokens, in_f, generator=g) * 3, bits=pack_signs(W), in_features=in_f,
+                row_scale=None if fbi else (W.abs().mean(1) + 0.1).half())
+    kw = {}
+    if fbi:
+        kw["col_scale"] = (torch.rand(in_f, generator=g) + 0.2).half()
+        kw["col_shift"] = (torch.randn(in_f, generator=g) * 0.1).half()
+    if rank:
+        kw["u"] = torch.randint(-127, 128, (out_f, rank), generator=g, dtype=torch.int8)
+        kw["v"] = torch.randint(-127, 128, (rank, in_f), generator=g, dtype=torch.int8)
+        kw["u_scale"] = (torch.rand(out_f, generator=g) * 0.01).half()
+        kw["v_scale"] = (torch.rand(rank, generator=g) * 0.01).half()
+    if bias:
+        kw["bias"] = torch.randn(out_f, generator=g)
+    return args, kw
+
+
+def close(y, ref, rel=1e-5):
+    tol = rel * float(ref.abs().max()) + 1e-6
+    return float((y - ref).abs().max()) <= tol
+
+
+# awkward shapes: in not a multiple of 8 / 64 / 256, odd out, batch 1..17 (token tiles of 8)
+SHAPES = [(1, 1, 1), (1, 7, 9), (2, 33, 63), (3, 5, 64), (5, 17, 65), (8, 129, 200),
+          (9, 64, 257), (16, 31, 512), (17, 70, 515), (1, 300, 2048), (4, 65, 2311)]
+
+
+@pytest.mark.parametrize("tokens,out_f,in_f", SHAPES)
+def test_binary_matches_reference_on_every_path(isas, tokens, out_f, in_f):
+    args, kw = binary_case(tokens * 1000 + in_f, tokens, out_f, in_f)
+    ref = binary_linear_ref(args["x"], args["bits"], args["row_scale"], in_f, act_quant=True)
+    for isa in isas:
+        y = poisoned(tokens, out_f)
+        cpu.binary_linear_cpu(args["x"], args["bits"], args["row_scale"], in_f, isa=isa, out=y)
+        assert not y.isnan().any(), f"isa {isa} left outputs unwritten"
+        assert close(y, ref), f"isa {isa}: max err {(y - ref).abs().max()}"
+
+
+@pytest.mark.parametrize("fbi,rank,bias", [(False, 5, True), (True, 0, False), (True, 16, True),
+                                           (False, 1, False)])
+@pytest.mark.parametrize("tokens,out_f,in_f", [(1, 37, 203), (11, 66, 520)])
+def test_binary_fbi_correction_bias(isas, fbi, rank, bias, tokens, out_f, in_f):
+    args, kw = binary_case(7 + rank + tokens, tokens, out_f, in_f, fbi=fbi, rank=rank, bias=bias)
+    ref = binary_linear_ref(args["x"], args["bits"], args["row_scale"], in_f, act_quant=True, **kw)
+    for isa in isas:
+        y = poisoned(tokens, out_f)
+        cpu.binary_linear_cpu(args["x"], args["bits"], args["row_scale"], in_f, isa=isa, out=y, **kw)
+        assert close(y, ref), f"isa {isa}: max err {(y - ref).abs().max()}"
+
+
+def test_padding_bits_are_ignored(isas):
+    # the layout says padding bits are 0, but a consumer must not depend on it
+    args, _ = binary_case(3, 4, 9, 13)
+    dirty = args["bits"].clone()
+    dirty[:, -1] |= 0b11100000  # bits 13..15 of a 13-column row
+    for isa in isas:
+        a = cpu.binary_linear_cpu(args["x"], args["bits"], args["row_scale"], 13, isa=isa)
+        b = cpu.binary_linear_cpu(args["x"], dirty, args["row_scale"], 13, isa=isa)
+        assert torch.equal(a, b)
+
+
+def test_activation_rounding_ties_match_reference(isas):
+    # amax 127 -> scale 1: every x.5 is a tie, rounded half to even like torch.round
+    vals = torch.tensor([127.0, 0.5, 1.5, 2.5, -0.5, -1.5, -2.5, 3.5, 126.5, -126.5, 0.49, -3.5])
+    x = torch.cat([vals, vals.flip(0), vals[:9]]).reshape(1, -1)  # 33 values: vector + tail code
+    xq, sx = quantize_activations_ref(x)
+    assert float(sx) == 1.0 and xq[0, 1:4].tolist() == [0.0, 2.0, 2.0]
+    n = x.shape[1]
+    eye = torch.eye(n, dtype=torch.int8)
+    for isa in isas:
+        y = cpu.int8_linear_cpu(x, eye, torch.ones(n), isa=isa)
+        assert torch.equal(y, xq), f"isa {isa} rounds differently"
+
+
+def test_zero_activations_give_bias(isas):
+    args, kw = binary_case(5, 3, 10, 40, rank=2, bias=True)
+    x = torch.zeros(3, 40)
+    for isa in isas:
+        y = cpu.binary_linear_cpu(x, args["bits"], args["row_scale"], 40, isa=isa, **kw)
+        assert torch.allclose(y, kw["bias"].expand(3, -1), atol=1e-6)
+
+
+def int8_case(seed, tokens, out_f, in_f, bias):
+    g = gen(seed)
+    q = torch.randint(-128, 128, (out_f, in_f), generator=g, dtype=torch.int8)  # -128 included
+    s = (torch.rand(out_f, generator=g) * 0.02).half()
+    b = torch.randn(out_f, generator=g) if bias else None
+    return torch.randn(tokens, in_f, generator=g), q, s, b
+
+
+@pytest.mark.parametrize("tokens,out_f,in_f", SHAPES)
+def test_int8_matches_reference_on_every_path(isas, tokens, out_f, in_f):
+    x, q, s, b = int8_case(tokens + 31 * in_f, tokens, out_f, in_f, bias=tokens % 2 == 0)
+    ref = int8_linear_ref(x, q, s, b, act_quant=True)
+    for isa in isas:
+        y = poisoned(tokens, out_f)
+        cpu.int8_linear_cpu(x, q, s, b, isa=isa, out=y)
+        assert not y.isnan().any(), f"isa {isa} left outputs unwritten"
+        assert close(y, ref), f"isa {isa}: max err {(y - ref).abs().max()}"
+
+
+def test_activation_quantization_error_is_bounded():
+    # the kernels quantize x to int8 per token; bound the gap to the exact float maths
+    for seed, (tokens, out_f, in_f) in enumerate([(4, 64, 512), (3, 50, 2048), (2, 33, 77)]):
+        args, kw = binary_case(seed, tokens, out_f, in_f, rank=4, bias=True)
+        x, bits, rs = args["x"], args["bits"], args["row_scale"]
+        yq = binary_linear_ref(x, bits, rs, in_f, act_quant=True, **kw)
+        ye = binary_linear_ref(x, bits, rs, in_f, **kw)
+        # hard bound: |S . (x - sx xq)| <= sum_i |x_i - sx xq_i| <= in * sx / 2
+        sx = x.abs().amax(1) / 127
+        bound = rs.float()[None, :] * (in_f * sx[:, None] / 2) + 1e-4 * ye.abs().max()
+        assert ((yq - ye).abs() <= bound).all()
+        # typical gap for gaussian activations: well under 2 % of the output norm
+        assert float((yq - ye).norm() / ye.norm()) < 0.02
+        xi, q, s, b = int8_case(seed, tokens, out_f, in_f, bias=True)
+        gap = int8_linear_ref(xi, q, s, b, act_quant=True) - int8_linear_ref(xi, q, s, b)
+        assert float(gap.norm() / int8_linear_ref(xi, q, s, b).norm()) < 0.02
