@@ -124,8 +124,9 @@ def save_packed(model: nn.Module, plan=None, out_dir: str | os.PathLike | None =
     (out / MANIFEST).unlink(missing_ok=True)       # never leave a stale manifest over new files
     from safetensors.torch import save_file
     with atomic_path(out / WEIGHTS) as tmp:
-        save_file(tensors, str(tmp), metadata={"format": "pt", "dfplan": PACKED_FORMAT,
-                                               "plan_hash": plan.hash()})
+        # one metadata key only: safetensors writes metadata in hash-map order, so several keys
+        # would make identical models give different bytes (the manifest carries the rest)
+        save_file(tensors, str(tmp), metadata={"format": "pt"})
     write_json_atomic(out / CONFIG, {"format": PACKED_FORMAT, "name": cfg.name,
                                      "dfplan_config": cfg.to_mamba_ssm_dict()})
     plan.to_json(out / PLAN)
