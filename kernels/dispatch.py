@@ -97,8 +97,8 @@ def _check_mat(fn, name, t, dtype, shape, device):
         _fail(fn, f"{name} must be {dtype}, got {t.dtype}")
     if t.dim() != 2 or (shape[0] is not None and t.shape[0] != shape[0]) or \
             (shape[1] is not None and t.shape[1] != shape[1]):
-        want = tuple("?" if s is None else s for s in shape)
-        _fail(fn, f"{name} must have shape {want}, got {tuple(t.shape)}")
+        want = ", ".join("?" if s is None else str(s) for s in shape)
+        _fail(fn, f"{name} must have shape ({want}), got {tuple(t.shape)}")
     if not t.is_contiguous():
         _fail(fn, f"{name} must be contiguous (call .contiguous() when loading the weights)")
     if t.device != device:
@@ -121,6 +121,9 @@ def check_binary_args(x, bits, row_scale, in_features, col_scale, col_shift, u, 
         _fail(fn, f"in_features must be a positive int, got {in_features!r}")
     _check_x(fn, x, in_features)
     dev = x.device
+    if isinstance(bits, torch.Tensor) and bits.dim() == 2 and bits.shape[1] != packed_cols(in_features):
+        _fail(fn, f"bits has {bits.shape[1]} bytes per row but in_features={in_features} packs into "
+                  f"{packed_cols(in_features)} (kernels/packing.py layout); wrong in_features or packing")
     _check_mat(fn, "bits", bits, torch.uint8, (None, packed_cols(in_features)), dev)
     out_f = bits.shape[0]
     if (col_scale is None) != (col_shift is None):
