@@ -1,0 +1,76 @@
+"""`dfplan distill`: teacher + plan + corpus -> packed, verified DF-SSM student (+ eval.json).
+
+Data-parallel: launch the same command with torchrun (e.g. `torchrun --nproc-per-node 2
+-m dfplan.cli distill ...`); every process takes its shard of each global batch.
+"""
+from __future__ import annotations
+
+import click
+
+
+def _info(msg: str) -> None:
+    click.echo(msg, err=True)
+
+
+@click.command(name="distill", help="Distill a plan into a packed DF-SSM student.")
+@click.option("--teacher", required=True, help="FP teacher: checkpoint folder or hub id.")
+@click.option("--plan", "plan_arg", required=True, help="plan.json, or layout:NAME (e.g. layout:dfssm).")
+@click.option("--corpus", multiple=True, required=True, help="Training text: file, folder, glob or 'builtin' (repeatable).")
+@click.option("--tokens", required=True, help="Training tokens over both stages, e.g. 2M, 500k.")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the packed student.")
+@click.option("--glob", "glob_", default="*.txt", show_default=True, help="File pattern inside corpus folders.")
+@click.option("--tokenizer", default=None, help="tokenizer.json when the teacher ships none.")
+@click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
+@click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
+              help="Windows per step over all processes.")
+@click.option("--stage1-fraction", default=0.38, show_default=True, type=float,
+              help="Share of the tokens for stage 1 (annealing the latent weights).")
+@click.option("--anneal-fraction", default=0.8, show_default=True, type=float,
+              help="Share of stage 1 over which a rises 0 -> 1.")
+@click.option("--final-fraction", default=0.25, show_default=True, type=float,
+              help="Share of stage 2 trained with integer corrections in the forward.")
+@click.option("--lr-latent", default=1e-4, show_default=True, type=float)
+@click.option("--lr-correction", default=1e-3, show_default=True, type=float)
+@click.option("--lr-scale", default=1e-4, show_default=True, type=float)
+@click.option("--lr-norm", default=1e-4, show_default=True, type=float)
+@click.option("--kl-weight", default=0.7, show_default=True, type=float)
+@click.option("--ce-weight", default=0.3, show_default=True, type=float)
+@click.option("--temperature", default=2.0, show_default=True, type=float)
+@click.option("--train-norms", is_flag=True, help="Also train the RMSNorm weights (frozen by default).")
+@click.option("--checkpoint-every", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--eval-corpus", multiple=True, help="Held-out text for eval.json [valid split of --corpus].")
+@click.option("--eval-windows", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--eval-seq-len", default=None, type=click.IntRange(min=2), help="[--seq-len]")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--device", default=None, help="cpu, cuda, cuda:1 [cpu].")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads per process.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+def command(teacher, plan_arg, corpus, tokens, out, glob_, tokenizer, seq_len, batch_size, stage1_fraction,
+            anneal_fraction, final_fraction, lr_latent, lr_correction, lr_scale, lr_norm, kl_weight,
+            ce_weight, temperature, train_norms, checkpoint_every, eval_corpus, eval_windows, eval_seq_len,
+            seed, device, threads, resume):
+    from ..distill.losses import LossConfig
+    from ..distill.run import DistillJob, parse_count, run_distill
+    from ..distill.trainer import DistillConfig
+    from ..sensitivity.distributed import init_from_env
+
+    cfg = DistillConfig(tokens=parse_count(tokens), seq_len=seq_len, batch_size=batch_size,
+                        stage1_fraction=stage1_fraction, anneal_fraction=anneal_fraction,
+                        final_fraction=final_fraction, lr_latent=lr_latent, lr_correction=lr_correction,
+                        lr_scale=lr_scale, lr_norm=lr_norm,
+                        loss=LossConfig(kl_weight, ce_weight, temperature), train_norms=train_norms,
+                        checkpoint_every=checkpoint_every, seed=seed)
+    job = DistillJob(teacher=teacher, plan=plan_arg, corpus=tuple(corpus), out=out, config=cfg, glob=glob_,
+                     tokenizer=tokenizer, eval_corpus=tuple(eval_corpus), eval_windows=eval_windows,
+                     eval_seq_len=eval_seq_len, resume=resume, device=device, threads=threads)
+    created = init_from_env(device)
+    try:
+        ev = run_distill(job, say=_info)
+    finally:
+        if created:
+            import torch.distributed as dist
+            dist.destroy_process_group()
+    if ev is not None:
+        click.echo(f"{out}: student ppl {ev['student']['ppl']:.3f} (teacher {ev['teacher']['ppl']:.3f}, "
+                   f"untrained plan {ev['ptq']['ppl']:.3f}), KL {ev['student']['kl_to_teacher']:.4f}, "
+                   f"{ev['compression']:.2f}x smaller than fp16")
