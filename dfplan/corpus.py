@@ -2,7 +2,9 @@
 
 Every `--corpus` option accepts, any number of times:
 - `builtin`: the running Python's own standard-library sources and docs, a few MB of text
-  that exists on every machine with no download (the default for the demo and tests);
+  that exists on every machine with no download (the default for the demo);
+- `builtin-heldout`: about 1 MB of other standard-library files, disjoint from `builtin`
+  (every file whose path hashes into one bucket of ten), for held-out evaluation;
 - a text file;
 - a folder, searched recursively for files matching `glob` (default `*.txt`);
 - a glob pattern (`data/**/*.txt`).
@@ -10,6 +12,7 @@ Every `--corpus` option accepts, any number of times:
 from __future__ import annotations
 
 import glob as globlib
+import hashlib
 import os
 import sysconfig
 from dataclasses import dataclass
@@ -19,9 +22,11 @@ from typing import Iterable, Sequence
 from .errors import DfplanError
 
 BUILTIN = "builtin"
+BUILTIN_HELDOUT = "builtin-heldout"
 # Large enough for a tiny teacher to learn real structure, small enough that tokenizing
 # and training a tokenizer on it take seconds.
 BUILTIN_MAX_BYTES = 4_000_000
+HELDOUT_MAX_BYTES = 1_000_000
 # Folders of the stdlib that are not representative source text (generated codec tables,
 # regression-test data with odd encodings) or are not stdlib at all (third-party installs).
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idle_test", "encodings",
@@ -46,8 +51,18 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def builtin_files(max_bytes: int = BUILTIN_MAX_BYTES) -> list[Path]:
-    """Standard-library docs and *.py files in sorted order, capped at `max_bytes` in total."""
+def _is_heldout(rel: str) -> bool:
+    # a content-independent, machine-independent 10% of files by path
+    return hashlib.sha256(rel.encode()).digest()[0] % 10 == 0
+
+
+def builtin_files(max_bytes: int | None = None, heldout: bool = False) -> list[Path]:
+    """Standard-library docs and *.py files in sorted order, capped at `max_bytes` in total.
+
+    heldout=False gives the `builtin` corpus, heldout=True the disjoint `builtin-heldout`.
+    """
+    if max_bytes is None:
+        max_bytes = HELDOUT_MAX_BYTES if heldout else BUILTIN_MAX_BYTES
     root = stdlib_dir()
     if not root.is_dir():
         raise DfplanError(f"the Python standard library folder {root} is missing; "
@@ -60,8 +75,9 @@ def builtin_files(max_bytes: int = BUILTIN_MAX_BYTES) -> list[Path]:
             if name.endswith(".py"):
                 sources.append(Path(dirpath) / name)
     sources = sorted(set(sources) - set(docs), key=lambda p: p.relative_to(root).as_posix())
+    pool = [p for p in docs + sources if _is_heldout(p.relative_to(root).as_posix()) == heldout]
     out, total = [], 0
-    for path in docs + sources:
+    for path in pool:
         size = path.stat().st_size
         if size == 0 or total + size > max_bytes:
             continue
@@ -100,6 +116,8 @@ def resolve_corpus(specs: str | Sequence[str], glob: str = "*.txt") -> CorpusFil
 def _resolve_one(spec: str, glob: str) -> list[Path]:
     if spec == BUILTIN:
         return builtin_files()
+    if spec == BUILTIN_HELDOUT:
+        return builtin_files(heldout=True)
     path = Path(spec).expanduser()
     if path.is_file():
         if not os.access(path, os.R_OK):

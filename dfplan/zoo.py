@@ -42,7 +42,7 @@ TEACHER_PRESETS = ("tiny", "small")
 # small in tens of minutes for experiments.
 DEFAULTS = {
     "tiny": dict(steps=300, seq_len=128, batch_size=16, lr=3e-3),
-    "small": dict(steps=1500, seq_len=128, batch_size=16, lr=2e-3),
+    "small": dict(steps=600, seq_len=128, batch_size=16, lr=2e-3),
 }
 
 

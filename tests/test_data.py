@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from dfplan.corpus import BUILTIN, builtin_files, resolve_corpus
+from dfplan.corpus import BUILTIN, BUILTIN_HELDOUT, builtin_files, resolve_corpus
 from dfplan.data import (EpochSampler, gather, load_tokens, sample_windows, split_windows,
                          unigram_ppl, window_starts)
 from dfplan.errors import DfplanError
@@ -77,6 +77,10 @@ def test_builtin_corpus_is_deterministic_and_capped():
     assert resolve_corpus(BUILTIN).files == tuple(files)
     small = builtin_files(max_bytes=50_000)
     assert 0 < sum(f.stat().st_size for f in small) <= 50_000
+    held = builtin_files(heldout=True)
+    assert held and not set(held) & set(files)            # held-out text is disjoint
+    assert 100_000 < sum(f.stat().st_size for f in held) <= 1_000_000
+    assert resolve_corpus(BUILTIN_HELDOUT).files == tuple(held)
 
 
 def test_tokens_cached_and_keyed_by_content(tmp_path, tok):
