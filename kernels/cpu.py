@@ -80,6 +80,17 @@ def _self_check(ext, isa: int) -> bool:
         d = ext.int8_linear(x, q, rs, None, 0)
         if not (torch.equal(a, b) and torch.equal(c, d)):
             return False
+        # fp32 side terms (FBI shift, low-rank correction) sum in another order: close, not equal
+        r = 8 if tokens != 9 else 3
+        kw = [torch.randn(in_f, generator=g), torch.randn(in_f, generator=g),
+              torch.randint(-127, 128, (out_f, r), generator=g, dtype=torch.int8),
+              torch.rand(out_f, generator=g),
+              torch.randint(-127, 128, (r, in_f), generator=g, dtype=torch.int8),
+              torch.rand(r, generator=g), torch.randn(out_f, generator=g)]
+        a = ext.binary_linear(x, bits, None, *kw, in_f, isa)
+        b = ext.binary_linear(x, bits, None, *kw, in_f, 0)
+        if not torch.allclose(a, b, rtol=1e-4, atol=1e-4 * float(b.abs().max())):
+            return False
     return True
 
 

@@ -39,7 +39,7 @@ int64_t best_isa() {
   if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
       __builtin_cpu_supports("avx512vnni"))
     return kAvx512;
-  if (__builtin_cpu_supports("avx2")) return kAvx2;
+  if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return kAvx2;
   return kPortable;
 }
 
@@ -382,6 +382,102 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void i8_rows_avx512(
 }
 
 // ---------------------------------------------------------------------------------------
+// fp32 side terms: FBI shift dot, the correction's t = v @ x and y += u @ t. Small next to
+// the sign product, but scalar code (no reassociation without -ffast-math) would still
+// double the GEMV time, hence AVX2/FMA versions.
+
+float dot_f32_portable(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+float dot_i8f32_portable(const int8_t* a, const float* b, int64_t n) {
+  float s = 0.f;
+  for (int64_t i = 0; i < n; ++i) s += float(a[i]) * b[i];
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum_ps_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+__attribute__((target("avx2,fma"))) float dot_f32_avx2(const float* a, const float* b, int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(_mm256_loadu_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  float s = hsum_ps_avx2(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 load8_i8_as_ps(const int8_t* p) {
+  return _mm256_cvtepi32_ps(
+      _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+}
+
+__attribute__((target("avx2,fma"))) float dot_i8f32_avx2(const int8_t* a, const float* b,
+                                                         int64_t n) {
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    acc0 = _mm256_fmadd_ps(load8_i8_as_ps(a + i), _mm256_loadu_ps(b + i), acc0);
+    acc1 = _mm256_fmadd_ps(load8_i8_as_ps(a + i + 8), _mm256_loadu_ps(b + i + 8), acc1);
+  }
+  float s = hsum_ps_avx2(_mm256_add_ps(acc0, acc1));
+  for (; i < n; ++i) s += float(a[i]) * b[i];
+  return s;
+}
+
+// C[t][o - o0] = u[o, :] . tv[t, :] for rows [o0, o1) and tb tokens (ld_c = kRowTile).
+void lowrank_rows_portable(const int8_t* u, int64_t r, int64_t o0, int64_t o1, const float* tv,
+                           int tb, float* C, int64_t ld_c) {
+  for (int64_t o = o0; o < o1; ++o)
+    for (int t = 0; t < tb; ++t) C[t * ld_c + (o - o0)] = dot_i8f32_portable(u + o * r, tv + t * r, r);
+}
+
+// Eight rows at a time: their int8 rows become floats once (shared by the token tile), each
+// token's eight dot products are summed across lanes together by a hadd tree.
+__attribute__((target("avx2,fma"))) void lowrank_rows_avx2(const int8_t* u, int64_t r,
+                                                           int64_t o0, int64_t o1,
+                                                           const float* tv, int tb, float* C,
+                                                           int64_t ld_c) {
+  if (r % 8 != 0) {
+    for (int64_t o = o0; o < o1; ++o)
+      for (int t = 0; t < tb; ++t) C[t * ld_c + (o - o0)] = dot_i8f32_avx2(u + o * r, tv + t * r, r);
+    return;
+  }
+  std::vector<float> uf(static_cast<size_t>(8 * r));
+  int64_t o = o0;
+  for (; o + 8 <= o1; o += 8) {
+    for (int64_t k = 0; k < 8 * r; k += 8) _mm256_storeu_ps(uf.data() + k, load8_i8_as_ps(u + o * r + k));
+    for (int t = 0; t < tb; ++t) {
+      const float* tt = tv + t * r;
+      __m256 s[8];
+      for (int k = 0; k < 8; ++k) s[k] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < r; j += 8) {
+        const __m256 tj = _mm256_loadu_ps(tt + j);
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) s[k] = _mm256_fmadd_ps(_mm256_loadu_ps(uf.data() + k * r + j), tj, s[k]);
+      }
+      const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+      const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+      const __m256 sum = _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20),
+                                       _mm256_permute2f128_ps(a, b, 0x31));
+      _mm256_storeu_ps(C + t * ld_c + (o - o0), sum);
+    }
+  }
+  for (; o < o1; ++o)
+    for (int t = 0; t < tb; ++t) C[t * ld_c + (o - o0)] = dot_i8f32_avx2(u + o * r, tv + t * r, r);
+}
+
+// ---------------------------------------------------------------------------------------
 // Template dispatch on the token tile size (register-resident accumulators).
 
 template <template <int> class F, typename... A>
@@ -522,22 +618,20 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
       const float* xt = xp + t * in_features;
       tq[t] = quantize_token(isa, xt, cs, in_features, nat.data());
       lay.scatter(nat.data(), in_features, t, T, xq.data());
-      if (csh) {
-        float s = 0.f;
-        for (int64_t i = 0; i < in_features; ++i) s += csh[i] * xt[i];
-        shift[t] = s;
-      }
+      if (csh)
+        shift[t] = isa >= kAvx2 ? dot_f32_avx2(csh, xt, in_features)
+                                : dot_f32_portable(csh, xt, in_features);
       for (int64_t j = 0; j < r; ++j) {
         const int8_t* vj = vp + j * in_features;
-        float s = 0.f;
-        for (int64_t i = 0; i < in_features; ++i) s += float(vj[i]) * xt[i];
-        tv[t * r + j] = s * vsp[j];
+        tv[t * r + j] = vsp[j] * (isa >= kAvx2 ? dot_i8f32_avx2(vj, xt, in_features)
+                                               : dot_i8f32_portable(vj, xt, in_features));
       }
     }
   });
 
   at::parallel_for(0, out, kRowTile, [&](int64_t r0, int64_t r1) {
     int32_t P[kTokTile * kRowTile];
+    float C[kTokTile * kRowTile];
     for (int64_t o0 = r0; o0 < r1; o0 += kRowTile) {
       const int64_t o1 = std::min(r1, o0 + kRowTile);
       for (int64_t t0 = 0; t0 < T; t0 += kTokTile) {
@@ -549,20 +643,21 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
           with_tb<BinAvx512>(tb, bp, nb, o0, o1, xt, P, kRowTile);
         else
           bin_rows_portable(bp, nb, o0, o1, tb, xt, P, kRowTile);
+        if (corr) {
+          const float* tvt = tv.data() + t0 * r;
+          if (isa >= kAvx2)
+            lowrank_rows_avx2(up, r, o0, o1, tvt, tb, C, kRowTile);
+          else
+            lowrank_rows_portable(up, r, o0, o1, tvt, tb, C, kRowTile);
+        }
         for (int t = 0; t < tb; ++t) {
           const TokenQuant q = tq[t0 + t];
           float* yt = yp + (t0 + t) * out;
-          const float* tvt = corr ? tv.data() + (t0 + t) * r : nullptr;
           for (int64_t o = o0; o < o1; ++o) {
             const int32_t acc = 2 * P[t * kRowTile + (o - o0)] - q.qsum;
             float val = float(acc) * (rs ? q.scale * rs[o] : q.scale);
             if (csh) val += shift[t0 + t];
-            if (corr) {
-              const int8_t* uo = up + o * r;
-              float s = 0.f;
-              for (int64_t j = 0; j < r; ++j) s += float(uo[j]) * tvt[j];
-              val += usp[o] * s;
-            }
+            if (corr) val += usp[o] * C[t * kRowTile + (o - o0)];
             if (bs) val += bs[o];
             yt[o] = val;
           }
