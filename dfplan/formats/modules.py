@@ -179,6 +179,9 @@ class IntNEmbedding(_Compressed):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:            # (B, L) -> (B, L, d)
         # dequantise only the gathered rows: the table itself stays packed
         s = self.spec
+        k = kernels()
+        if k is not None and s.bits == 8 and s.symmetric and hasattr(k, "int8_embedding"):
+            return k.int8_embedding(ids, self.qweight, self.scale, dtype=self.compute_dtype)
         flat = ids.reshape(-1)
         q = quant.unpack_intn(self.qweight[flat], self.in_features, s.bits, s.symmetric)
         zero = None if s.symmetric else self.zero[flat]

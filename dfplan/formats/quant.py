@@ -272,6 +272,16 @@ def lowrank_factors(residual: torch.Tensor, rank: int, init: str = "svd",
     return left, right.T
 
 
+def _orthonormalize(y: torch.Tensor) -> torch.Tensor:
+    """Orthonormal basis of y's columns: Cholesky-QR (a few times cheaper than Householder QR
+    on tall blocks, and exact enough in float64 since every iterate is re-orthonormalised);
+    Householder QR if the block is numerically rank deficient."""
+    chol, info = torch.linalg.cholesky_ex(y.T @ y)
+    if int(info):
+        return torch.linalg.qr(y)[0]
+    return torch.linalg.solve_triangular(chol, y.T, upper=False).T
+
+
 def _top_eigh(gram: torch.Tensor, rank: int, iters: int = 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Leading `rank` eigenpairs of a symmetric PSD (k, k) matrix, largest first.
 
@@ -286,9 +296,9 @@ def _top_eigh(gram: torch.Tensor, rank: int, iters: int = 20) -> tuple[torch.Ten
         evals, evecs = torch.linalg.eigh(gram)                         # ascending
         return evals[-rank:].flip(-1), evecs[:, -rank:].flip(-1)
     g = torch.Generator().manual_seed(0)
-    q, _ = torch.linalg.qr(gram @ torch.randn(k, p, generator=g, dtype=gram.dtype))
+    q = _orthonormalize(gram @ torch.randn(k, p, generator=g, dtype=gram.dtype))
     for _ in range(iters):
-        q, _ = torch.linalg.qr(gram @ q)                               # (k, p)
+        q = _orthonormalize(gram @ q)                                  # (k, p)
     evals, small = torch.linalg.eigh(q.T @ gram @ q)                   # Rayleigh-Ritz (p, p)
     return evals[-rank:].flip(-1), (q @ small)[:, -rank:].flip(-1)
 
