@@ -110,28 +110,6 @@ def spawn(fn, args: tuple, nproc: int, threads: int | None = None):
     return value
 
 
-# -- library-level entry: an in-memory model and windows, no files --------------------------
-
-def _analyze_rank(model, windows, cfg):
-    from .analyzer import analyze, merge
-    rank, world = rank_world()
-    results, tbf, jobs, skipped = analyze(model, windows, cfg, rank=rank, world=world)
-    parts = gather_to_all((results, tbf))
-    if rank != 0:
-        return None
-    merged = [r for res, _ in parts for r in res]
-    return merge(merged, jobs, sum(t for _, t in parts), model.config.n_layer, skipped, world=world)
-
-
-def analyze_distributed(model, windows, cfg, nproc: int = 2, threads: int | None = None):
-    """The whole table computed by `nproc` processes -> SensitivityResult (as run_local)."""
-    import time
-    t0 = time.perf_counter()
-    res = spawn(_analyze_rank, (model, windows, cfg), nproc, threads)
-    res.wall_s = time.perf_counter() - t0
-    return res
-
-
 def main(argv=None) -> int:
     """`python -m dfplan.sensitivity.distributed ARGS` (under torchrun): the sensitivity command."""
     from dfplan.cli import main as cli_main

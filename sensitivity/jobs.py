@@ -52,7 +52,10 @@ def parse_candidates(text: str | None) -> tuple[Spec, ...]:
         if part.lower() == "default":
             out.extend(DEFAULT_CANDIDATES)
         else:
-            out.append(parse_spec(part))
+            try:
+                out.append(parse_spec(part))
+            except DfplanError as e:
+                raise DfplanError(f"candidate {part!r} is not a format dfplan knows: {e}") from None
     if not out:
         raise DfplanError(f"--candidates {text!r} names no format")
     return tuple(dict.fromkeys(out))           # drop repeats, keep order
