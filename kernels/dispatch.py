@@ -225,3 +225,46 @@ def int8_embedding(ids, qweight, scale, dtype=torch.float32):
         raise DfplanError(f"int8_embedding: token ids must lie in [0, {qweight.shape[0]})")
     rows = qweight.index_select(0, flat).to(dtype)
     return (rows * scale.index_select(0, flat).to(dtype)[:, None]).reshape(*ids.shape, -1)
+
+
+def mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
+                norm_weight, eps, ngroups, headdim, d_state, *, norm_before_gate: bool = False,
+                backend: str | None = None):
+    """One Mamba-2 mixer token between in_proj and out_proj (see ref.mamba2_step_ref).
+
+    States are updated in place, so they must be contiguous; on CUDA the Triton kernels run
+    (capturable in a CUDA graph), elsewhere the reference.
+    """
+    fn = "mamba2_step"
+    for name, t in (("conv_state", conv_state), ("ssm_state", ssm_state)):
+        if not isinstance(t, torch.Tensor) or not t.is_contiguous():
+            _fail(fn, f"{name} must be a contiguous tensor (it is updated in place)")
+        if t.device != zxbcdt.device:
+            _fail(fn, f"{name} is on {t.device} but zxbcdt is on {zxbcdt.device}")
+    if zxbcdt.dtype not in _FLOATS or zxbcdt.dim() != 2:
+        _fail(fn, f"zxbcdt must be a 2-D float tensor (B, d_in_proj), got {zxbcdt.dtype} "
+                  f"{tuple(zxbcdt.shape)}")
+    H = dt_bias.shape[0]
+    d_inner = H * headdim
+    conv_dim = d_inner + 2 * ngroups * d_state
+    Bsz = zxbcdt.shape[0]
+    want = {"zxbcdt": (zxbcdt, (Bsz, d_inner + conv_dim + H)),
+            "conv_state": (conv_state, (Bsz, conv_dim, conv_state.shape[-1])),
+            "ssm_state": (ssm_state, (Bsz, H, headdim, d_state)),
+            "norm_weight": (norm_weight, (d_inner,))}
+    for name, (t, shape) in want.items():
+        if tuple(t.shape) != shape:
+            _fail(fn, f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if H % ngroups:
+        _fail(fn, f"nheads={H} is not a multiple of ngroups={ngroups}")
+    if D.numel() not in (H, d_inner):
+        _fail(fn, f"D must have {H} or {d_inner} elements, got {D.numel()}")
+    args = (zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
+            norm_weight, eps, ngroups, headdim, d_state)
+    be = select_backend(zxbcdt, backend)
+    if be == "triton":
+        from .triton_step import mamba2_step_triton
+        if zxbcdt.stride(-1) != 1:
+            zxbcdt = zxbcdt.contiguous()
+        return mamba2_step_triton(zxbcdt, *args[1:], norm_before_gate=norm_before_gate)
+    return ref.mamba2_step_ref(*args, norm_before_gate=norm_before_gate)

@@ -133,3 +133,25 @@ def test_int8_embedding_gathers_scaled_rows():
     assert torch.equal(e, (q.float() * s[:, None])[ids])
     with pytest.raises(DfplanError, match="token ids"):
         int8_embedding(torch.tensor([50]), q, s)
+
+
+def test_mamba2_step_dispatch_checks_states():
+    from dfplan.kernels import mamba2_step, mamba2_step_ref
+    g = gen(4)
+    Bsz, H, P, N, G = 2, 4, 8, 16, 1
+    d_inner, conv_dim = H * P, H * P + 2 * G * N
+    zx = torch.randn(Bsz, d_inner + conv_dim + H, generator=g)
+    conv, ssm = torch.randn(Bsz, conv_dim, 4, generator=g), torch.randn(Bsz, H, P, N, generator=g)
+    params = [torch.randn(conv_dim, 4, generator=g), torch.randn(conv_dim, generator=g),
+              torch.randn(H, generator=g), torch.rand(H, generator=g), torch.randn(H, generator=g),
+              torch.randn(d_inner, generator=g)]
+    c2, s2 = conv.clone(), ssm.clone()
+    y = mamba2_step(zx, conv, ssm, *params, 1e-5, G, P, N)
+    assert torch.allclose(y, mamba2_step_ref(zx, c2, s2, *params, 1e-5, G, P, N))
+    assert torch.equal(conv, c2) and torch.equal(ssm, s2)
+    with pytest.raises(DfplanError, match="ssm_state must be a contiguous"):
+        mamba2_step(zx, conv, ssm.transpose(2, 3), *params, 1e-5, G, P, N)
+    with pytest.raises(DfplanError, match="zxbcdt must have shape"):
+        mamba2_step(zx[:, 1:], conv, ssm, *params, 1e-5, G, P, N)
+    with pytest.raises(DfplanError, match="ssm_state must have shape"):
+        mamba2_step(zx, conv, ssm[:, :, :4].contiguous(), *params, 1e-5, G, P, N)
