@@ -1,7 +1,8 @@
 """True KL of a candidate plan on held-out windows: the `--objective measured` evaluator.
 
-A plan is applied to a deep copy of the teacher (formats.apply.apply_plan quantises exactly
-as the packed artifact will) and scored with KL(teacher || student) per token, in nats, the
+A plan is applied to a copy of the teacher with the modules formats.apply.apply_plan would
+swap in (quantised exactly as the packed artifact will; each (unit, format) module is built
+once and reused across trials) and scored with KL(teacher || student) per token, in nats, the
 quantity of dfplan.evaluate.kl_to_teacher. The teacher's log-probabilities are computed once
 and kept, so each trial costs one student forward pass over the windows instead of two.
 
@@ -11,7 +12,7 @@ analyzer's fraction (10%) and seed, so they never overlap its calibration window
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,6 +44,8 @@ class MeasuredKL:
     batch_size: int = 8
     calls: int = 0
     seconds: float = 0.0
+    _modules: dict = field(default_factory=dict, repr=False)
+    _student: torch.nn.Module | None = field(default=None, repr=False)
 
     def __post_init__(self):
         w = torch.as_tensor(np.asarray(self.windows), dtype=torch.long)
@@ -64,11 +67,43 @@ class MeasuredKL:
             count += b.numel()
         return total / count
 
+    @torch.no_grad()
+    def _module(self, unit, spec) -> torch.nn.Module:
+        """The module apply_plan would put at `unit` for `spec`, built once per (unit, spec):
+        trials revisit the same formats constantly and quantising (clip search, SVD) is the
+        expensive part of a trial."""
+        from ..formats.apply import _round_
+        from ..formats.modules import module_for
+
+        key = (unit.name, spec.name)
+        if key not in self._modules:
+            src = self.teacher.get_submodule(unit.name)
+            cls = module_for(spec, unit.kind)
+            if cls is None:                      # Keep: the float module, values rounded
+                mod = copy.deepcopy(src)
+                _round_(mod.weight, getattr(torch, spec.torch_dtype_name))
+            else:
+                mod = cls.from_float(src.weight, spec, bias=getattr(src, "bias", None),
+                                     generator=torch.Generator().manual_seed(0))
+            self._modules[key] = mod.eval()
+        return self._modules[key]
+
     def student(self, assignment) -> torch.nn.Module:
+        """The teacher under `assignment`: one shared model whose units are swapped per call
+        (fixed tensors rounded to the plan default once, as apply_plan does)."""
         from ..formats.apply import apply_plan
-        plan = self.space.to_plan(assignment)
-        model = copy.deepcopy(self.teacher)
-        return apply_plan(model, plan, generator=torch.Generator().manual_seed(0)).eval()
+        from .plan import Plan, model_signature
+
+        if self._student is None:
+            base = copy.deepcopy(self.teacher)
+            apply_plan(base, Plan(specs={}, default=self.space.default, model=model_signature(self.space.cfg)))
+            self._student = base.eval()
+        for us in self.space.units:
+            spec = us.specs[us.index(assignment[us.unit.name])]
+            parent, _, child = us.unit.name.rpartition(".")
+            setattr(self._student.get_submodule(parent) if parent else self._student, child,
+                    self._module(us.unit, spec))
+        return self._student
 
     def __call__(self, assignment) -> float:
         import time

@@ -14,7 +14,10 @@ The integer solution is then re-checked in exact integer bytes; if a tolerance l
 the budget by a few bytes, the budget row is tightened by the excess and the MILP re-solved.
 
 Choices dominated within a unit (no fewer bytes and no lower KL than another choice) are
-dropped before solving; they can never be needed in an optimum.
+dropped before solving; they can never be needed in an optimum. Units with identical
+candidates, bytes and KL (every layer under the size-only prior) are merged into one group
+whose variables count how many of its units take each choice (integers 0..group size): the
+same optimum without the symmetric copies that make branch and bound slow.
 """
 from __future__ import annotations
 
@@ -52,52 +55,59 @@ class MilpResult:
 
 @dataclass(frozen=True)
 class _Problem:
-    """Flattened MILP data: one variable per (unit, non-dominated choice)."""
-    unit_of: np.ndarray        # (n_var,) unit position
-    choice_of: np.ndarray      # (n_var,) index into the unit's candidates
-    extra_bytes: np.ndarray    # (n_var,) int64 bytes over the unit's cheapest candidate
+    """Flattened MILP data: one integer variable per (group of identical units, kept choice)."""
+    group_of: np.ndarray       # (n_var,) group index
+    choice_of: np.ndarray      # (n_var,) index into the group's candidates
+    extra_bytes: np.ndarray    # (n_var,) int64 bytes over the group's cheapest candidate
     kl: np.ndarray             # (n_var,) float64
+    groups: list               # unit positions of each group, model order
     base_bytes: int            # fixed bytes + every unit's cheapest candidate
-    n_units: int
-    kl_scale: float = field(default=1.0)
+    kl_scale: float = 1.0
+
+    @property
+    def sizes(self) -> np.ndarray:
+        return np.array([len(g) for g in self.groups], dtype=float)
 
 
 def _problem(space: SearchSpace, sur: Surrogate) -> _Problem:
-    unit_of, choice_of, extra, kl = [], [], [], []
-    base = space.fixed_bytes
+    keyed: dict[tuple, list[int]] = {}
     for ui, us in enumerate(space.units):
-        b = np.asarray(us.nbytes, dtype=np.int64)
-        k = np.array([sur.unit_kl(us.unit.name, s) for s in us.specs], dtype=np.float64)
+        k = tuple(sur.unit_kl(us.unit.name, s) for s in us.specs)
+        keyed.setdefault((us.names, us.nbytes, k), []).append(ui)
+    group_of, choice_of, extra, kl, groups = [], [], [], [], []
+    base = space.fixed_bytes
+    for gi, ((_, nb, k), members) in enumerate(keyed.items()):
+        groups.append(members)
+        b = np.asarray(nb, dtype=np.int64)
+        k = np.asarray(k, dtype=np.float64)
         bmin = int(b.min())
-        base += bmin
+        base += bmin * len(members)
         # keep a choice only if no other choice is at most as big and strictly better,
         # or equally good and strictly smaller (ties keep the first in byte order)
-        order = np.lexsort((k, b))
         best = np.inf
-        for j in order:
+        for j in np.lexsort((k, b)):
             if k[j] < best:
                 best = k[j]
-                unit_of.append(ui)
+                group_of.append(gi)
                 choice_of.append(int(j))
                 extra.append(int(b[j]) - bmin)
                 kl.append(float(k[j]))
     kl_arr = np.asarray(kl)
     scale = float(kl_arr.max()) / _OBJ_MAX if kl_arr.size and kl_arr.max() > 0 else 1.0
-    return _Problem(np.asarray(unit_of), np.asarray(choice_of), np.asarray(extra, dtype=np.int64),
-                    kl_arr, int(base), len(space.units), scale)
+    return _Problem(np.asarray(group_of), np.asarray(choice_of), np.asarray(extra, dtype=np.int64),
+                    kl_arr, groups, int(base), scale)
 
 
 def _solve_once(p: _Problem, capacity: int, time_limit: float):
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_matrix
 
-    n = p.unit_of.size
-    a_eq = csr_matrix((np.ones(n), (p.unit_of, np.arange(n))), shape=(p.n_units, n))
+    n = p.group_of.size
+    a_eq = csr_matrix((np.ones(n), (p.group_of, np.arange(n))), shape=(len(p.groups), n))
     a_b = (p.extra_bytes / _MB).reshape(1, -1)
-    cons = [LinearConstraint(a_eq, 1.0, 1.0), LinearConstraint(a_b, -np.inf, capacity / _MB)]
-    res = milp(p.kl / p.kl_scale, integrality=np.ones(n), bounds=Bounds(0, 1), constraints=cons,
-               options={"mip_rel_gap": 0.0, "time_limit": time_limit, "presolve": True})
-    return res
+    cons = [LinearConstraint(a_eq, p.sizes, p.sizes), LinearConstraint(a_b, -np.inf, capacity / _MB)]
+    return milp(p.kl / p.kl_scale, integrality=np.ones(n), bounds=Bounds(0, p.sizes[p.group_of]),
+                constraints=cons, options={"mip_rel_gap": 0.0, "time_limit": time_limit, "presolve": True})
 
 
 def solve(space: SearchSpace, sur: Surrogate, budget: int, time_limit: float = 120.0,
@@ -113,20 +123,24 @@ def solve(space: SearchSpace, sur: Surrogate, budget: int, time_limit: float = 1
         if res.x is None:
             raise DfplanError(f"the MILP found no plan within the budget ({res.message}); "
                               f"raise the budget or the time limit")
-        x = np.round(res.x).astype(int)
-        chosen = np.flatnonzero(x == 1)
-        if np.bincount(p.unit_of[chosen], minlength=p.n_units).tolist() != [1] * p.n_units:
-            raise RuntimeError(f"MILP returned a non-integral assignment: {res.x}")
-        used = int(p.extra_bytes[chosen].sum())
+        x = np.round(res.x).astype(np.int64)                  # (n_var,) units per choice
+        if not np.array_equal(np.bincount(p.group_of, weights=x, minlength=len(p.groups)), p.sizes):
+            raise RuntimeError(f"MILP returned an inconsistent assignment: {res.x}")
+        used = int((p.extra_bytes * x).sum())
         if used <= budget - p.base_bytes:
             break
         capacity -= used - (budget - p.base_bytes)   # tolerance let it through; tighten and retry
         resolves += 1
         if resolves > 8:
             raise RuntimeError("MILP keeps exceeding the budget after tightening")
-    idx = [0] * p.n_units
-    for j in chosen:
-        idx[p.unit_of[j]] = int(p.choice_of[j])
+    idx = [0] * len(space.units)
+    for g, members in enumerate(p.groups):
+        # interleave the group's choices along depth (slot i of a choice taken n times sits at
+        # (i + 0.5) / n), so e.g. the layers that get the larger rank are spread, not bunched
+        slots = sorted(((i + 0.5) / x[j], int(p.choice_of[j])) for j in np.flatnonzero((p.group_of == g) & (x > 0))
+                       for i in range(int(x[j])))
+        for ui, (_, c) in zip(members, slots):
+            idx[ui] = c
     assignment = space.assignment(idx)
     total = space.total_bytes(assignment)
     assert total == p.base_bytes + used and total <= budget
@@ -153,7 +167,7 @@ def pareto_front(space: SearchSpace, sur: Surrogate, n_points: int = 24, budgets
     smallest to the largest model; non-dominated, distinct points sorted by bytes."""
     p = _problem(space, sur)
     lo = p.base_bytes
-    hi = p.base_bytes + int(sum(max(p.extra_bytes[p.unit_of == u]) for u in range(p.n_units)))
+    hi = p.base_bytes + int(sum(len(m) * p.extra_bytes[p.group_of == g].max() for g, m in enumerate(p.groups)))
     if budgets is None:
         budgets = sorted({int(round(b)) for b in np.geomspace(lo, max(hi, lo + 1), max(2, n_points))})
     pts: list[FrontPoint] = []

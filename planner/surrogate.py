@@ -137,7 +137,7 @@ def surrogate_from_table(df, cfg: Mamba2Config, where: str = "sensitivity table"
         try:
             spec = parse_spec(str(row.spec))
         except DfplanError as e:
-            raise DfplanError(f"{where}: row for {u.name}: {e}") from None
+            raise DfplanError(f"{where}: row for {u.name}, format {row.spec!r}: {e}") from None
         if str(row.kind) != u.kind or int(row.block) != u.block:
             raise DfplanError(f"{where} does not match model {cfg.name}: {u.name} is kind={row.kind} "
                               f"block={row.block} in the table but kind={u.kind} block={u.block} in the model")
