@@ -94,6 +94,10 @@ def versions() -> dict:
 def cpu_info() -> dict:
     info = {"machine": platform.machine(), "logical_cpus": os.cpu_count(),
             "torch_threads": torch.get_num_threads()}
+    try:  # other work on the machine skews every number; record how busy it was
+        info["loadavg_1m_5m_15m"] = list(os.getloadavg())
+    except OSError:
+        pass
     try:
         text = Path("/proc/cpuinfo").read_text()
         for line in text.splitlines():

@@ -41,6 +41,7 @@ class BenchConfig:
     budget_s: float = 1.0             # time budget per measurement
     rank: int = 16                    # rank of the bin+rN correction
     threads: int | None = None
+    bandwidth_bytes: int = 1 << 30    # buffer for the same-run bandwidth measurement
 
 
 def unit_shapes(cfg: Mamba2Config) -> dict[str, tuple[int, int]]:
@@ -161,7 +162,7 @@ def run_kernel_bench(cfg: BenchConfig) -> dict:
         cache_name = "GPU L2"
     else:
         cache_bytes, cache_name = l3_bytes(), "L3"
-    bw = memory_bandwidth(cfg.device, nbytes=(1 << 30) if cfg.device == "cpu" else (4 << 30))
+    bw = memory_bandwidth(cfg.device, nbytes=cfg.bandwidth_bytes * (1 if cfg.device == "cpu" else 4))
     bw_gbs = bw["read_gbs"]
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -186,8 +187,17 @@ def run_kernel_bench(cfg: BenchConfig) -> dict:
         "bandwidth": bw,
         "rows": rows,
         "checks": acceptance_checks(rows),
+        "loadavg_after": _loadavg(),
     }
     return res
+
+
+def _loadavg():
+    import os
+    try:
+        return list(os.getloadavg())
+    except OSError:
+        return None
 
 
 def _add_ratios(rows):
