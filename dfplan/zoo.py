@@ -41,7 +41,7 @@ TEACHER_PRESETS = ("tiny", "small")
 # Per-preset defaults sized for a 2-core CPU: tiny trains in about a minute for the demo,
 # small in tens of minutes for experiments.
 DEFAULTS = {
-    "tiny": dict(steps=300, seq_len=128, batch_size=16, lr=3e-3),
+    "tiny": dict(steps=200, seq_len=128, batch_size=16, lr=3e-3),
     "small": dict(steps=600, seq_len=128, batch_size=16, lr=2e-3),
 }
 
@@ -127,6 +127,7 @@ def _prepare(tc: TrainConfig, say: Callable[[str], None]) -> _Prepared:
     cfg = Mamba2Config.preset(tc.preset)
     cf = resolve_corpus(list(tc.corpus), tc.glob)
     out = Path(tc.out)
+    notes = []          # reported only once the input is known to be usable
     if tc.resume and (out / TOKENIZER_FILE).is_file():
         tok = load_tokenizer(out / TOKENIZER_FILE)
     elif tc.tokenizer is not None:
@@ -134,13 +135,15 @@ def _prepare(tc: TrainConfig, say: Callable[[str], None]) -> _Prepared:
     else:
         t0 = time.perf_counter()
         tok = train_bpe((text for _, text in read_texts(cf.files)), cfg.vocab_size)
-        say(f"trained a {vocab_size_of(tok)}-token BPE on {len(cf.files)} file(s) "
-            f"in {time.perf_counter() - t0:.1f}s")
+        notes.append(f"trained a {vocab_size_of(tok)}-token BPE on {len(cf.files)} file(s) "
+                     f"in {time.perf_counter() - t0:.1f}s")
     check_vocab(tok, cfg)
     stream = load_tokens(cf, tok)
     split = split_windows(len(stream), tc.seq_len, tc.valid_fraction, tc.seed)
-    say(f"corpus: {len(stream):,} tokens{' (cached)' if stream.cached else ''}, "
-        f"{len(split.train)} train / {len(split.valid)} valid windows of {tc.seq_len}")
+    notes.append(f"corpus: {len(stream):,} tokens{' (cached)' if stream.cached else ''}, "
+                 f"{len(split.train)} train / {len(split.valid)} valid windows of {tc.seq_len}")
+    for n in notes:
+        say(n)
     return _Prepared(cfg, tok, stream.tokens, stream.key, stream.files, split)
 
 

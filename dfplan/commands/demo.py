@@ -1,0 +1,229 @@
+"""`dfplan demo`: the whole pipeline on the built-in default, offline, in a few CPU minutes.
+
+teacher (tiny, builtin corpus) -> sensitivity -> search -> distill -> eval, all in one run
+folder. Every stage is a function; a stage whose command does not exist yet is reported
+as "not implemented yet", a stage whose output is already there is skipped ("cached"),
+so an interrupted demo picks up where it stopped. A failed stage makes the later stages
+that need its output skip and the demo exit non-zero.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import click
+
+from ..errors import DfplanError
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out: str = "runs/demo"
+    corpus: tuple = ("builtin",)            # teacher + calibration + distillation text
+    heldout: tuple = ("builtin-heldout",)   # evaluation text, disjoint from corpus
+    teacher_steps: int = 200
+    seq_len: int = 128
+    calib_windows: int = 16
+    budget: str = "40%"                     # percent of the teacher's fp16 bytes, or bytes
+    distill_tokens: str = "100k"
+    eval_windows: int = 32
+    threads: int | None = None
+
+    @property
+    def run(self) -> Path:
+        return Path(self.out)
+
+    @property
+    def teacher(self) -> Path:
+        return self.run / "teacher"
+
+    def log(self, stage: str) -> Path:
+        return self.run / "logs" / f"{stage}.txt"
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    output: str                             # relative to the run folder; present = done
+    command: str | None                     # CLI subcommand it needs (None: always there)
+    needs: tuple                            # outputs of earlier stages it reads
+    run: Callable[[DemoConfig], None]
+    result: Callable[[DemoConfig], str]     # one-line summary read back from its output
+
+
+def _cli(argv: list[str], log: Path) -> None:
+    """Run a subcommand in this process; its stdout (the JSON/tables it prints) goes to `log`,
+    its progress and errors (stderr) stay on the terminal."""
+    from ..cli import main
+    click.echo(f"$ dfplan {' '.join(argv)}", err=True)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f, contextlib.redirect_stdout(f):
+        rc = main(argv)
+    if rc != 0:
+        raise DfplanError(f"'dfplan {argv[0]}' exited with status {rc}")
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _fmt(x, spec=".2f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) else "?"
+
+
+def _corpus_args(corpus) -> list[str]:
+    return [a for c in corpus for a in ("--corpus", c)]
+
+
+# ---------------------------------------------------------------- stages
+def _teacher(c: DemoConfig) -> None:
+    from ..zoo import TrainConfig, train_teacher
+    train_teacher(TrainConfig(out=str(c.teacher), preset="tiny", corpus=tuple(c.corpus),
+                              steps=c.teacher_steps, seq_len=c.seq_len, threads=c.threads, resume=True),
+                  say=lambda m: click.echo(m, err=True))
+
+
+def _teacher_result(c: DemoConfig) -> str:
+    m = _read_json(c.teacher / "zoo.json")
+    return (f"val ppl {_fmt(m.get('val_ppl'))} vs unigram {_fmt(m.get('unigram_ppl'))}, "
+            f"{_fmt(m.get('tokens_seen'), ',')} tokens at {_fmt(m.get('tokens_per_s'), ',.0f')} tok/s")
+
+
+def _sensitivity(c: DemoConfig) -> None:
+    _cli(["sensitivity", "--model", str(c.teacher), *_corpus_args(c.corpus),
+          "--windows", str(c.calib_windows), "--seq-len", str(c.seq_len),
+          "--out", str(c.run / "sensitivity.csv")]
+         + (["--threads", str(c.threads)] if c.threads else []), c.log("sensitivity"))
+
+
+def _sensitivity_result(c: DemoConfig) -> str:
+    try:
+        import pandas as pd
+        df = pd.read_csv(c.run / "sensitivity.csv", comment="#")
+    except Exception:
+        return "?"
+    return f"{len(df)} rows"
+
+
+def _budget_bytes(c: DemoConfig) -> str:
+    if not c.budget.endswith("%"):
+        return c.budget
+    from ..loading import load_config
+    from ..model import build_model
+    fp16 = 2 * build_model(load_config(str(c.teacher)), device="meta").num_parameters()
+    return str(int(fp16 * float(c.budget[:-1]) / 100))
+
+
+def _search(c: DemoConfig) -> None:
+    _cli(["search", "--model", str(c.teacher), "--budget", _budget_bytes(c), "--out", str(c.run),
+          "--sensitivity", str(c.run / "sensitivity.csv")], c.log("search"))
+
+
+def _search_result(c: DemoConfig) -> str:
+    p = _read_json(c.run / "plan.json")
+    return (f"{_fmt(p.get('predicted_bytes'), ',')} bytes (budget {_fmt(p.get('budget_bytes'), ',')}), "
+            f"predicted KL {_fmt(p.get('predicted_kl'), '.4g')}")
+
+
+def _distill(c: DemoConfig) -> None:
+    _cli(["distill", "--teacher", str(c.teacher), "--plan", str(c.run / "plan.json"),
+          *_corpus_args(c.corpus), "--tokens", c.distill_tokens, "--seq-len", str(c.seq_len),
+          "--out", str(c.run / "student"), "--resume"]
+         + (["--threads", str(c.threads)] if c.threads else []), c.log("distill"))
+
+
+def _distill_result(c: DemoConfig) -> str:
+    d = c.run / "student"
+    size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else None
+    return f"packed folder {_fmt(size, ',')} bytes"
+
+
+def _eval(c: DemoConfig) -> None:
+    _cli(["eval", "--model", str(c.run / "student"), "--teacher", str(c.teacher),
+          *_corpus_args(c.heldout), "--seq-len", str(c.seq_len), "--windows", str(c.eval_windows),
+          "--out", str(c.run / "eval.json")], c.log("eval"))
+
+
+def _eval_result(c: DemoConfig) -> str:
+    e = _read_json(c.run / "eval.json")
+    return (f"held-out ppl student {_fmt(e.get('ppl'))} vs teacher {_fmt(e.get('teacher_ppl'))}, "
+            f"KL {_fmt(e.get('kl_to_teacher'), '.4f')}")
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("teacher", "teacher/zoo.json", "zoo", (), _teacher, _teacher_result),
+    Stage("sensitivity", "sensitivity.csv", "sensitivity", ("teacher/zoo.json",), _sensitivity,
+          _sensitivity_result),
+    Stage("search", "plan.json", "search", ("sensitivity.csv",), _search, _search_result),
+    Stage("distill", "student/manifest.json", "distill", ("plan.json",), _distill, _distill_result),
+    Stage("eval", "eval.json", "eval", ("student/manifest.json",), _eval, _eval_result),
+)
+
+
+def implemented(command: str | None) -> bool:
+    return command is None or importlib.util.find_spec(f"dfplan.commands.{command}") is not None
+
+
+def run_demo(c: DemoConfig, stages: tuple[Stage, ...] | None = None) -> list[dict]:
+    """Run every stage in order; returns one row per stage (stage, status, wall and CPU
+    seconds, result)."""
+    rows = []
+    c.run.mkdir(parents=True, exist_ok=True)
+    for st in STAGES if stages is None else stages:
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = c.run / st.output
+        missing = [n for n in st.needs if not (c.run / n).exists()]
+        if out.exists():
+            status = "cached"
+        elif not implemented(st.command):
+            status = "not implemented yet"
+        elif missing:
+            status = f"skipped (needs {', '.join(missing)})"
+        else:
+            click.echo(f"== {st.name}", err=True)
+            try:
+                st.run(c)
+                status = "done" if out.exists() else f"failed (no {st.output} written)"
+            except DfplanError as e:
+                status = f"failed: {e}"
+        result = st.result(c) if out.exists() else ""
+        rows.append({"stage": st.name, "status": status, "wall_s": round(time.perf_counter() - t0, 1),
+                     "cpu_s": round(time.process_time() - c0, 1), "result": result})
+    from ..fileio import write_json_atomic
+    write_json_atomic(c.run / "demo.json", {"config": {k: getattr(c, k) for k in c.__dataclass_fields__},
+                                            "stages": rows})
+    return rows
+
+
+@click.command(name="demo", help="The whole pipeline on the built-in default teacher, offline.")
+@click.option("--out", default="runs/demo", show_default=True, type=click.Path(file_okay=False),
+              help="Run folder; rerunning skips the stages whose output is there.")
+@click.option("--corpus", multiple=True, default=("builtin",), show_default=True,
+              help="Training / calibration text (repeatable).")
+@click.option("--heldout", multiple=True, default=("builtin-heldout",), show_default=True,
+              help="Evaluation text, disjoint from --corpus (repeatable).")
+@click.option("--teacher-steps", default=200, show_default=True, type=click.IntRange(min=1))
+@click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8))
+@click.option("--budget", default="40%", show_default=True,
+              help="Memory budget: percent of the teacher's fp16 size, or bytes (300kB, 1MB).")
+@click.option("--distill-tokens", default="100k", show_default=True)
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
+def command(out, corpus, heldout, teacher_steps, seq_len, budget, distill_tokens, threads):
+    from tabulate import tabulate
+    c = DemoConfig(out=out, corpus=tuple(corpus), heldout=tuple(heldout), teacher_steps=teacher_steps,
+                   seq_len=seq_len, budget=budget, distill_tokens=distill_tokens, threads=threads)
+    t0 = time.perf_counter()
+    rows = run_demo(c)
+    click.echo(tabulate(rows, headers="keys"))
+    click.echo(f"demo: {time.perf_counter() - t0:.0f}s, outputs in {c.run}")
+    failed = [r["stage"] for r in rows if r["status"].startswith("failed")]
+    if failed:
+        raise DfplanError(f"demo stage(s) failed: {', '.join(failed)}; see the messages above")
