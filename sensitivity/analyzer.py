@@ -13,14 +13,13 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from dfplan.formats.quant import fake_quant
 
 from .cache import TeacherCache, stream_into
 from .jobs import AnalyzerConfig, Job, job_seed, plan_jobs, shard, spec_groups
-from .metrics import LogitSums, SqnrSums
+from .metrics import LogitSums, SqnrSums, TeacherTerms
 from .swap import MultiEmbedding, MultiLinear, swapped
 
 # Bytes one batched pass may spend on its widest activations (logits and their softmaxes,
@@ -115,10 +114,10 @@ def evaluate_job(model, cache: TeacherCache, job: Job, cfg: AnalyzerConfig, max_
                 else:
                     h, r = model.run_blocks(h, r, job.start, n_layer)
                 logits = model.head(h, r)[..., :V]                        # (K*b, L, V)
-                t_logp = F.log_softmax(b.logits, -1)
+                terms = TeacherTerms(b.logits)
                 for k in range(K):
-                    sums[k].add(b.logits, logits[k * nb:(k + 1) * nb], b.targets, t_logp)
-                del logits, t_logp
+                    sums[k].add(terms, logits[k * nb:(k + 1) * nb], b.targets)
+                del logits, terms
         block_forwards += K * (n_layer - job.start)
         for spec, gi, s, q in zip(specs, grp, sums, sqnr):
             rows.append(_row(job, spec, job.spec_order[gi], s.result(), q.db, cache.n_tokens, cfg.seed))

@@ -31,6 +31,21 @@ def damage(metric: str, values):
     return values * DAMAGE_SIGN[metric]
 
 
+def _rowdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(N, V), (N, V) -> (N,) row-wise dot products; bmm is ~3x faster than (a * b).sum(-1) on CPU."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
+
+
+class TeacherTerms:
+    """The teacher's side of every metric for one micro-batch, computed once for all candidates."""
+
+    def __init__(self, t_logits: torch.Tensor):
+        self.t = t_logits.flatten(0, -2).float()                      # (N, V)
+        self.lt = F.log_softmax(self.t, -1)
+        self.pt = self.lt.exp()
+        self.norm = torch.linalg.vector_norm(self.t, dim=-1)           # (N,)
+
+
 @dataclass
 class LogitSums:
     """Running sums of the logit metrics of one candidate."""
@@ -44,23 +59,26 @@ class LogitSums:
     n_logits: int = 0
 
     @torch.no_grad()
-    def add(self, t_logits: torch.Tensor, s_logits: torch.Tensor, targets: torch.Tensor,
-            t_logp: torch.Tensor | None = None) -> None:
-        """t_logits, s_logits (b, L, V) float32 (real vocab); targets (b, L) int64."""
-        t = t_logits.flatten(0, -2)                                   # (N, V)
-        s = s_logits.flatten(0, -2).float()
-        lt = F.log_softmax(t, -1) if t_logp is None else t_logp.flatten(0, -2)
+    def add(self, teacher: torch.Tensor | TeacherTerms, s_logits: torch.Tensor, targets: torch.Tensor) -> None:
+        """teacher: (b, L, V) float32 logits (real vocab) or their TeacherTerms; s_logits (b, L, V);
+        targets (b, L) int64."""
+        T = teacher if isinstance(teacher, TeacherTerms) else TeacherTerms(teacher)
+        s = s_logits.flatten(0, -2).float()                          # (N, V)
         ls = F.log_softmax(s, -1)
-        diff = lt - ls                                                # (N, V)
-        self.kl += float((lt.exp() * diff).sum(-1).sum(dtype=torch.float64))
-        self.rkl -= float((ls.exp() * diff).sum(-1).sum(dtype=torch.float64))
+        diff = T.lt - ls                                              # exact zeros when s == t
+        self.kl += float(_rowdot(T.pt, diff).sum(dtype=torch.float64))
+        self.rkl -= float(_rowdot(ls.exp(), diff).sum(dtype=torch.float64))
         tg = targets.reshape(-1, 1)
         self.ce_s -= float(ls.gather(-1, tg).sum(dtype=torch.float64))
-        self.ce_t -= float(lt.gather(-1, tg).sum(dtype=torch.float64))
-        self.sq_err += float((s - t).square().sum(-1).sum(dtype=torch.float64))
-        self.cos += float(F.cosine_similarity(s, t, dim=-1).sum(dtype=torch.float64))
-        self.n_tokens += t.shape[0]
-        self.n_logits += t.numel()
+        self.ce_t -= float(T.lt.gather(-1, tg).sum(dtype=torch.float64))
+        del diff, ls
+        err = s - T.t
+        self.sq_err += float(_rowdot(err, err).sum(dtype=torch.float64))
+        del err
+        denom = (torch.linalg.vector_norm(s, dim=-1) * T.norm).clamp(min=1e-30)
+        self.cos += float((_rowdot(s, T.t) / denom).sum(dtype=torch.float64))
+        self.n_tokens += s.shape[0]
+        self.n_logits += s.numel()
 
     def result(self) -> dict:
         n = max(self.n_tokens, 1)

@@ -17,7 +17,7 @@ def _top_k(text: str) -> tuple[int, ...]:
 
 
 @click.group(name="sensitivity", invoke_without_command=True,
-             help="Per-layer KL sensitivity of every candidate format (forward-only).\n\n"
+             help="Per-layer KL sensitivity of every candidate format (forward-only).\n\n\b\n"
                   "  dfplan sensitivity --model M --corpus C --out run/sensitivity.csv\n"
                   "  dfplan sensitivity validate --model M --corpus C --table run/sensitivity.csv")
 @click.option("--model", "model_arg", default=None, help="Teacher checkpoint dir, hub id or preset:NAME (with --random-init).")
