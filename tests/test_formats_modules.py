@@ -62,10 +62,12 @@ def test_embedding_module_gathers_rows_and_attends():
         e = IntNEmbedding.from_float(w, parse_spec(name))
         W = e.dequantize()
         ids = torch.randint(0, 100, (2, 7), generator=gen(6))
-        assert torch.equal(e(ids), W[ids])
+        assert torch.equal(e.forward_reference(ids), W[ids])
+        assert torch.allclose(e(ids), W[ids], atol=1e-6)
         h = torch.randn(2, 7, 32, generator=gen(7))
         ref = h @ W.T
         tol = 0.05 * float(ref.abs().max()) if kernels() is not None else 1e-5
+        assert torch.allclose(e.attend_reference(h), ref, atol=1e-5)
         assert torch.allclose(e.attend(h), ref, atol=tol)
     with pytest.raises(DfplanError):
         IntNEmbedding.from_float(w, parse_spec("int4g16"))

@@ -164,3 +164,18 @@ def test_decode_equals_fake_quant_and_matches_intn_maths():
     q = quant.quantize_intn(w, 4, 16, False)
     assert torch.equal(quant.decode_weight(spec, w.shape, bufs), quant.dequantize_intn(*q))
     assert torch.equal(quant.fake_quant(w, spec), quant.dequantize_intn(*q))
+
+
+def test_fake_quant_many_shares_work_and_matches_fake_quant():
+    from dfplan.formats.specs import DEFAULT_CANDIDATES
+    w = torch.randn(150, 200, generator=gen(12))
+    specs = [s for s in DEFAULT_CANDIDATES if getattr(s, "rank", 0) <= 150]
+    specs += [Binary("fbi", 8), Binary("row", 8, 4), Binary("row", 8, init="zero")]
+    many = quant.fake_quant_many(w, specs, [gen(i) for i in range(len(specs))])
+    for i, (s, x) in enumerate(zip(specs, many)):
+        assert torch.equal(x, quant.fake_quant(w, s, generator=gen(i))), s
+    # subspace-iteration path (min dim > 512): same quality within a hair
+    big = torch.randn(600, 520, generator=gen(13))
+    specs = [Binary("row", 8), Binary("row", 32)]
+    for s, x in zip(specs, quant.fake_quant_many(big, specs)):
+        assert quant.sqnr_db(big, x) == pytest.approx(quant.sqnr_db(big, quant.fake_quant(big, s)), abs=0.02)

@@ -182,6 +182,10 @@ class IntNEmbedding(_Compressed):
         k = kernels()
         if k is not None and s.bits == 8 and s.symmetric and hasattr(k, "int8_embedding"):
             return k.int8_embedding(ids, self.qweight, self.scale, dtype=self.compute_dtype)
+        return self.forward_reference(ids)
+
+    def forward_reference(self, ids: torch.Tensor) -> torch.Tensor:
+        s = self.spec
         flat = ids.reshape(-1)
         q = quant.unpack_intn(self.qweight[flat], self.in_features, s.bits, s.symmetric)
         zero = None if s.symmetric else self.zero[flat]
@@ -193,6 +197,9 @@ class IntNEmbedding(_Compressed):
         s = self.spec
         if k is not None and s.bits == 8 and s.symmetric:
             return k.int8_linear(h, self.qweight, self.scale)
+        return self.attend_reference(h)
+
+    def attend_reference(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(h, self.dequantize().to(h.dtype))
 
 

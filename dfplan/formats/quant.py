@@ -411,3 +411,44 @@ def correction_factors(spec, in_f: int, buffers: dict) -> tuple[torch.Tensor, to
 def fake_quant(weight: torch.Tensor, spec, generator: torch.Generator | None = None) -> torch.Tensor:
     """What the packed checkpoint will compute for this weight: decode(encode(weight))."""
     return decode_weight(spec, tuple(weight.shape), encode_weight(weight, spec, generator), dtype=weight.dtype)
+
+
+def fake_quant_many(weight: torch.Tensor, specs, generators=None) -> list[torch.Tensor]:
+    """fake_quant for several specs of one weight, sharing the expensive parts: one scaffold
+    per scale kind and one SVD-init factorisation at the largest rank, sliced per rank (the
+    leading singular directions do not depend on how many are kept). Equal to calling
+    fake_quant per spec when min(out, in) <= 512 (exact eigendecomposition); above that the
+    subspace iteration is run once at the largest rank, which is at least as accurate.
+    generators: one per spec (or None), used by zero-init corrections only.
+    """
+    from .specs import Binary
+
+    specs = list(specs)
+    generators = list(generators) if generators is not None else [None] * len(specs)
+    w = weight.detach().float()
+    scaffolds: dict[str, torch.Tensor] = {}
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    max_rank: dict[str, int] = {}
+    for s in specs:
+        if isinstance(s, Binary) and s.rank and s.init == "svd":
+            max_rank[s.scale] = max(max_rank.get(s.scale, 0), s.rank)
+    out = []
+    for s, g in zip(specs, generators):
+        if not isinstance(s, Binary) or (s.rank and s.init != "svd"):
+            out.append(fake_quant(weight, s, generator=g))
+            continue
+        s.validate(tuple(w.shape))
+        if s.scale not in scaffolds:
+            parts = binarize_rows(w) if s.scale == "row" else binarize_fbi(w)
+            scaffolds[s.scale] = scaffold_rows(*parts) if s.scale == "row" else scaffold_fbi(*parts)
+        w_hat = scaffolds[s.scale]
+        if s.rank:
+            if s.scale not in factors:
+                factors[s.scale] = lowrank_factors(w - w_hat, max_rank[s.scale], "svd")
+            u, v = factors[s.scale]
+            uq, us = quantize_rows_sym(u[:, :s.rank].contiguous(), s.rank_bits)
+            vq, vs = quantize_rows_sym(v[:s.rank].contiguous(), s.rank_bits)
+            du, dv = lowrank_dequant(LowRank(uq, us, vq, vs))
+            w_hat = w_hat + du @ dv
+        out.append(w_hat.to(weight.dtype))
+    return out
