@@ -83,12 +83,10 @@ class Plan:
         out: dict[str, Spec] = {}
         for u in units:
             spec = exact.get(u.name)
-            if spec is None:
-                for k, v in reversed(patterns):
-                    if fnmatch.fnmatchcase(u.name, k):
-                        spec = v
-                        used.add(k)
-                        break
+            for k, v in reversed(patterns):
+                if fnmatch.fnmatchcase(u.name, k):
+                    used.add(k)             # matched, even if shadowed by a later key
+                    spec = v if spec is None else spec
             spec = spec if spec is not None else self.default
             _check_unit(u, spec)
             out[u.name] = spec

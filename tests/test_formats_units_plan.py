@@ -73,6 +73,14 @@ def test_resolve_precedence_exact_then_last_pattern():
     assert len(r) == len(compressible_units(cfg))
 
 
+def test_shadowed_pattern_is_not_reported_missing():
+    cfg = tiny()
+    specs = {"*.in_proj": IntN(4)}
+    specs.update({f"backbone.layers.{i}.mixer.in_proj": IntN(8) for i in range(cfg.n_layer)})
+    r = Plan(specs=specs).resolve(cfg)
+    assert {r[f"backbone.layers.{i}.mixer.in_proj"] for i in range(cfg.n_layer)} == {IntN(8)}
+
+
 def test_plan_naming_a_missing_layer_is_refused():
     with pytest.raises(DfplanError, match="backbone.layers.9.mixer.in_proj"):
         Plan(specs={"backbone.layers.9.mixer.in_proj": IntN(8)}).resolve(tiny())
