@@ -170,12 +170,22 @@ class _Checkpointer:
         if not isinstance(ck, dict) or ck.get("format") != CKPT_FORMAT:
             raise DfplanError(f"{self.path} is not a dfplan distillation checkpoint")
         if ck["identity"] != self.identity:
-            diff = sorted(k for k in set(ck["identity"]) | set(self.identity)
-                          if ck["identity"].get(k) != self.identity.get(k))
+            a, b = _flat(ck["identity"]), _flat(self.identity)
+            diff = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
             raise DfplanError(f"{self.path} was written by a run with different {', '.join(diff)}; "
                               "resume with the original options or choose another --out")
         self.last_step = int(ck["step"])
         return ck
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _diverged(step: int, what: str, value: float, ckpt: _Checkpointer) -> DfplanError:
