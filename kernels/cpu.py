@@ -24,7 +24,8 @@ import torch
 from .packing import pack_signs
 
 ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512-vnni"}
-_SOURCES = [Path(__file__).parent / "csrc" / "linear_cpu.cpp"]
+_SOURCES = [Path(__file__).parent / "csrc" / "linear_cpu.cpp",
+            Path(__file__).parent / "csrc" / "step_cpu.cpp"]
 # No -march: the wide paths use function-level target attributes (see the source).
 _CFLAGS = ["-O3", "-fno-math-errno"]
 _NAME = "dfplan_kernels_cpu"
@@ -154,3 +155,15 @@ def int8_linear_cpu(x2, qweight, scale, bias=None, isa=None, out=None):
     """x2 (T, in) float32 contiguous -> (T, out) float32. Arguments already validated."""
     ext = extension()
     return ext.int8_linear(x2, qweight, scale, bias, _state["isa"] if isa is None else isa, out)
+
+
+def mamba2_step_cpu(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
+                    norm_weight, eps, ngroups, headdim, d_state, norm_before_gate=False,
+                    use_avx2=None):
+    """Fused decode step; every tensor float32 and contiguous (dispatch checks)."""
+    ext = extension()
+    if use_avx2 is None:
+        use_avx2 = _state["isa"] >= 1
+    return ext.mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight.reshape(conv_weight.shape[0], -1),
+                           conv_bias, dt_bias, A_log, D, norm_weight, float(eps), int(ngroups),
+                           int(headdim), int(d_state), bool(norm_before_gate), bool(use_avx2))

@@ -232,8 +232,8 @@ def mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, 
                 backend: str | None = None):
     """One Mamba-2 mixer token between in_proj and out_proj (see ref.mamba2_step_ref).
 
-    States are updated in place, so they must be contiguous; on CUDA the Triton kernels run
-    (capturable in a CUDA graph), elsewhere the reference.
+    States are updated in place, so they must be contiguous. CUDA: Triton kernels (capturable
+    in a CUDA graph); CPU with fp32 tensors: the fused C++ step; otherwise the reference.
     """
     fn = "mamba2_step"
     for name, t in (("conv_state", conv_state), ("ssm_state", ssm_state)):
@@ -262,6 +262,13 @@ def mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, 
     args = (zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
             norm_weight, eps, ngroups, headdim, d_state)
     be = select_backend(zxbcdt, backend)
+    if be == "cpu" and all(t is None or t.dtype == torch.float32 for t in (
+            zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)):
+        from .cpu import mamba2_step_cpu
+        c = lambda t: None if t is None else t.contiguous()  # noqa: E731  (params: no-ops)
+        return mamba2_step_cpu(c(zxbcdt), conv_state, ssm_state, c(conv_weight), c(conv_bias),
+                               c(dt_bias), c(A_log), c(D), c(norm_weight), eps, ngroups, headdim,
+                               d_state, norm_before_gate=norm_before_gate)
     if be == "triton":
         from .triton_step import mamba2_step_triton
         if zxbcdt.stride(-1) != 1:

@@ -150,3 +150,29 @@ def test_activation_quantization_error_is_bounded():
         xi, q, s, b = int8_case(seed, tokens, out_f, in_f, bias=True)
         gap = int8_linear_ref(xi, q, s, b, act_quant=True) - int8_linear_ref(xi, q, s, b)
         assert float(gap.norm() / int8_linear_ref(xi, q, s, b).norm()) < 0.02
+
+
+@pytest.mark.parametrize("ngroups,d_per_channel,gate_first,conv_bias",
+                         [(1, False, False, True), (2, True, False, False), (2, False, True, True)])
+def test_fused_step_matches_reference(isas, ngroups, d_per_channel, gate_first, conv_bias):
+    from dfplan.kernels.ref import mamba2_step_ref
+    g = gen(ngroups * 10 + d_per_channel)
+    Bsz, H, P, N, d_conv = 3, 4, 12, 20, 4      # N not a multiple of 8: vector tails
+    d_inner, conv_dim = H * P, H * P + 2 * ngroups * N
+    zx = torch.randn(Bsz, d_inner + conv_dim + H, generator=g) * 2
+    conv = torch.randn(Bsz, conv_dim, d_conv, generator=g)
+    ssm = torch.randn(Bsz, H, P, N, generator=g)
+    params = [torch.randn(conv_dim, 1, d_conv, generator=g),
+              torch.randn(conv_dim, generator=g) if conv_bias else None,
+              torch.randn(H, generator=g), torch.rand(H, generator=g) * 3,
+              torch.randn(d_inner if d_per_channel else H, generator=g),
+              torch.randn(d_inner, generator=g)]
+    c_ref, s_ref = conv.clone(), ssm.clone()
+    ref = mamba2_step_ref(zx, c_ref, s_ref, *params, 1e-5, ngroups, P, N,
+                          norm_before_gate=gate_first)
+    for isa in isas:
+        c_k, s_k = conv.clone(), ssm.clone()
+        y = cpu.mamba2_step_cpu(zx, c_k, s_k, *params, 1e-5, ngroups, P, N,
+                                norm_before_gate=gate_first, use_avx2=isa >= 1)
+        assert torch.equal(c_k, c_ref)
+        assert close(s_k, s_ref, 1e-5) and close(y, ref, 2e-5), f"isa {isa}"

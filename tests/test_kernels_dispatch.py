@@ -146,9 +146,9 @@ def test_mamba2_step_dispatch_checks_states():
               torch.randn(H, generator=g), torch.rand(H, generator=g), torch.randn(H, generator=g),
               torch.randn(d_inner, generator=g)]
     c2, s2 = conv.clone(), ssm.clone()
-    y = mamba2_step(zx, conv, ssm, *params, 1e-5, G, P, N)
-    assert torch.allclose(y, mamba2_step_ref(zx, c2, s2, *params, 1e-5, G, P, N))
-    assert torch.equal(conv, c2) and torch.equal(ssm, s2)
+    y = mamba2_step(zx, conv, ssm, *params, 1e-5, G, P, N)  # fused C++ step when built
+    assert torch.allclose(y, mamba2_step_ref(zx, c2, s2, *params, 1e-5, G, P, N), atol=1e-5)
+    assert torch.equal(conv, c2) and torch.allclose(ssm, s2, atol=1e-5)
     with pytest.raises(DfplanError, match="ssm_state must be a contiguous"):
         mamba2_step(zx, conv, ssm.transpose(2, 3), *params, 1e-5, G, P, N)
     with pytest.raises(DfplanError, match="zxbcdt must have shape"):

@@ -727,6 +727,16 @@ torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight,
   return y;
 }
 
+// step_cpu.cpp
+torch::Tensor mamba2_step(const torch::Tensor& zxbcdt, torch::Tensor conv_state,
+                          torch::Tensor ssm_state, const torch::Tensor& conv_weight,
+                          const c10::optional<torch::Tensor>& conv_bias,
+                          const torch::Tensor& dt_bias, const torch::Tensor& A_log,
+                          const torch::Tensor& D, const torch::Tensor& norm_weight, double eps,
+                          int64_t ngroups, int64_t headdim, int64_t d_state,
+                          bool norm_before_gate, bool use_avx2);
+bool step_has_avx2();
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("best_isa", &best_isa, "best instruction-set level: 0 portable, 1 AVX2, 2 AVX-512 VNNI");
   m.def("binary_linear", &binary_linear, "packed 1-bit linear (+ FBI, int8 low-rank, bias)",
@@ -736,4 +746,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_linear", &int8_linear, "int8 weight linear with per-token int8 activations",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias"), py::arg("isa"),
         py::arg("out") = py::none());
+  m.def("mamba2_step", &mamba2_step, "fused Mamba-2 decode step (fp32 states, updated in place)");
+  m.def("step_has_avx2", &step_has_avx2);
 }

@@ -1,0 +1,216 @@
+// Mamba-2 decode step on CPU: one token of the mixer between in_proj and out_proj, fused.
+//
+// The unfused torch version materialises several (B, H, P, N) temporaries per layer (2 MB
+// each for Mamba-2 1.3B), which makes the recurrent state update, not the weights, the
+// largest cost of a decoded token. Here every state element is read once and written once:
+//   conv:  window shift + new input, depthwise taps + bias, SiLU          (per channel)
+//   ssm:   s = s * exp(dt A) + dt x B;  y = s . C + D x;  y *= silu(z)     (per head, row)
+//   norm:  RMSNorm per SSM group, times the norm weight
+// Same maths as kernels/ref.py mamba2_step_ref (fp32 throughout); the AVX2 path differs from
+// it only by fused multiply-adds, summation order and a polynomial exp (rel. error ~1e-7).
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <immintrin.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+namespace {
+
+inline float silu(float v) { return v / (1.0f + std::exp(-v)); }
+inline float softplus(float v) { return v > 20.0f ? v : std::log1p(std::exp(v)); }
+
+// exp(x) = 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2; e^r by its Taylor series to
+// r^7 (truncation error < 1e-8 there). ln 2 is split in two parts so r stays exact.
+__attribute__((target("avx2,fma"))) inline __m256 exp_avx2(__m256 x) {
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(-87.0f)), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.0f / 5040);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 720));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+__attribute__((target("avx2,fma"))) inline __m256 silu_avx2(__m256 v) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  return _mm256_div_ps(v, _mm256_add_ps(one, exp_avx2(_mm256_sub_ps(_mm256_setzero_ps(), v))));
+}
+
+__attribute__((target("avx2,fma"))) inline float hsum_avx2(__m256 v) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// One head-row: s[n] = s[n] * dA + dtx * B[n]; returns sum_n s[n] * C[n].
+float ssm_row_portable(float* s, const float* B, const float* C, float dA, float dtx, int64_t N) {
+  float y = 0.f;
+  for (int64_t n = 0; n < N; ++n) {
+    const float v = s[n] * dA + dtx * B[n];
+    s[n] = v;
+    y += v * C[n];
+  }
+  return y;
+}
+
+__attribute__((target("avx2,fma"))) float ssm_row_avx2(float* s, const float* B, const float* C,
+                                                       float dA, float dtx, int64_t N) {
+  const __m256 vdA = _mm256_set1_ps(dA), vdtx = _mm256_set1_ps(dtx);
+  __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+  int64_t n = 0;
+  for (; n + 16 <= N; n += 16) {
+    __m256 a = _mm256_fmadd_ps(_mm256_loadu_ps(s + n), vdA, _mm256_mul_ps(vdtx, _mm256_loadu_ps(B + n)));
+    __m256 b = _mm256_fmadd_ps(_mm256_loadu_ps(s + n + 8), vdA,
+                               _mm256_mul_ps(vdtx, _mm256_loadu_ps(B + n + 8)));
+    _mm256_storeu_ps(s + n, a);
+    _mm256_storeu_ps(s + n + 8, b);
+    acc0 = _mm256_fmadd_ps(a, _mm256_loadu_ps(C + n), acc0);
+    acc1 = _mm256_fmadd_ps(b, _mm256_loadu_ps(C + n + 8), acc1);
+  }
+  float y = hsum_avx2(_mm256_add_ps(acc0, acc1));
+  for (; n < N; ++n) {
+    const float v = s[n] * dA + dtx * B[n];
+    s[n] = v;
+    y += v * C[n];
+  }
+  return y;
+}
+
+// v[i] *= silu(z[i])
+__attribute__((target("avx2,fma"))) void gate_avx2(float* v, const float* z, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_loadu_ps(v + i), silu_avx2(_mm256_loadu_ps(z + i))));
+  for (; i < n; ++i) v[i] *= silu(z[i]);
+}
+
+void gate_portable(float* v, const float* z, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] *= silu(z[i]);
+}
+
+__attribute__((target("avx2,fma"))) void silu_inplace_avx2(float* v, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, silu_avx2(_mm256_loadu_ps(v + i)));
+  for (; i < n; ++i) v[i] = silu(v[i]);
+}
+
+bool has_avx2() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+}
+
+const float* f32_ptr(const torch::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(), name,
+              " must be a contiguous float32 CPU tensor");
+  return t.data_ptr<float>();
+}
+
+}  // namespace
+
+torch::Tensor mamba2_step(const torch::Tensor& zxbcdt, torch::Tensor conv_state,
+                          torch::Tensor ssm_state, const torch::Tensor& conv_weight,
+                          const c10::optional<torch::Tensor>& conv_bias,
+                          const torch::Tensor& dt_bias, const torch::Tensor& A_log,
+                          const torch::Tensor& D, const torch::Tensor& norm_weight, double eps,
+                          int64_t ngroups, int64_t headdim, int64_t d_state,
+                          bool norm_before_gate, bool use_avx2) {
+  const int64_t Bsz = zxbcdt.size(0);
+  const int64_t H = dt_bias.size(0), P = headdim, N = d_state, G = ngroups;
+  const int64_t d_inner = H * P;
+  TORCH_CHECK(conv_state.dim() == 3 && ssm_state.dim() == 4, "bad state ranks");
+  const int64_t conv_dim = conv_state.size(1), d_conv = conv_state.size(2);
+  TORCH_CHECK(conv_dim == d_inner + 2 * G * N, "conv_state width does not match the mixer");
+  TORCH_CHECK(zxbcdt.dim() == 2 && zxbcdt.size(1) == d_inner + conv_dim + H,
+              "zxbcdt must be (B, d_inner + conv_dim + nheads)");
+  TORCH_CHECK(ssm_state.size(0) == Bsz && ssm_state.size(1) == H && ssm_state.size(2) == P &&
+                  ssm_state.size(3) == N, "ssm_state must be (B, nheads, headdim, d_state)");
+  TORCH_CHECK(H % G == 0 && d_inner % G == 0, "nheads must be a multiple of ngroups");
+  TORCH_CHECK(conv_weight.numel() == conv_dim * d_conv, "conv_weight must have conv_dim * d_conv elements");
+  TORCH_CHECK(D.numel() == H || D.numel() == d_inner, "D must have nheads or d_inner elements");
+  const float* zx = f32_ptr(zxbcdt, "zxbcdt");
+  float* cs = const_cast<float*>(f32_ptr(conv_state, "conv_state"));
+  float* ss = const_cast<float*>(f32_ptr(ssm_state, "ssm_state"));
+  const float* cw = f32_ptr(conv_weight, "conv_weight");
+  const float* cb = conv_bias.has_value() ? f32_ptr(*conv_bias, "conv_bias") : nullptr;
+  const float* dtb = f32_ptr(dt_bias, "dt_bias");
+  const float* alog = f32_ptr(A_log, "A_log");
+  const float* dp = f32_ptr(D, "D");
+  const float* nw = f32_ptr(norm_weight, "norm_weight");
+  TORCH_CHECK(!use_avx2 || has_avx2(), "AVX2/FMA requested but not supported by this CPU");
+  const bool d_per_channel = D.numel() == d_inner;
+
+  auto y = torch::empty({Bsz, d_inner}, zxbcdt.options());
+  float* yp = y.data_ptr<float>();
+  std::vector<float> xbc(static_cast<size_t>(Bsz * conv_dim));
+  const int64_t zw = zxbcdt.size(1);
+
+  // conv over (token, channel)
+  at::parallel_for(0, Bsz * conv_dim, 1024, [&](int64_t i0, int64_t i1) {
+    for (int64_t i = i0; i < i1; ++i) {
+      const int64_t b = i / conv_dim, c = i % conv_dim;
+      float* win = cs + i * d_conv;
+      const float* w = cw + c * d_conv;
+      for (int64_t k = 0; k + 1 < d_conv; ++k) win[k] = win[k + 1];
+      win[d_conv - 1] = zx[b * zw + d_inner + c];
+      float acc = 0.f;
+      for (int64_t k = 0; k < d_conv; ++k) acc += win[k] * w[k];
+      xbc[i] = cb ? acc + cb[c] : acc;
+    }
+    if (use_avx2)
+      silu_inplace_avx2(xbc.data() + i0, i1 - i0);
+    else
+      for (int64_t i = i0; i < i1; ++i) xbc[i] = silu(xbc[i]);
+  });
+
+  // ssm over (token, head): every state element read and written once
+  at::parallel_for(0, Bsz * H, 1, [&](int64_t j0, int64_t j1) {
+    for (int64_t j = j0; j < j1; ++j) {
+      const int64_t b = j / H, h = j % H, g = h / (H / G);
+      const float* xr = xbc.data() + b * conv_dim;
+      const float* x = xr + h * P;
+      const float* Bv = xr + d_inner + g * N;
+      const float* Cv = xr + d_inner + G * N + g * N;
+      const float dt = softplus(zx[b * zw + d_inner + conv_dim + h] + dtb[h]);
+      const float dA = std::exp(dt * -std::exp(alog[h]));
+      float* st = ss + j * P * N;
+      float* yo = yp + b * d_inner + h * P;
+      for (int64_t p = 0; p < P; ++p) {
+        const float dtx = dt * x[p];
+        const float v = use_avx2 ? ssm_row_avx2(st + p * N, Bv, Cv, dA, dtx, N)
+                                 : ssm_row_portable(st + p * N, Bv, Cv, dA, dtx, N);
+        yo[p] = v + x[p] * (d_per_channel ? dp[h * P + p] : dp[h]);
+      }
+    }
+  });
+
+  // gated RMSNorm per (token, group)
+  const int64_t gs = d_inner / G;
+  at::parallel_for(0, Bsz * G, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t b = k / G, g = k % G;
+      float* v = yp + b * d_inner + g * gs;
+      const float* z = zx + b * zw + g * gs;
+      if (!norm_before_gate) use_avx2 ? gate_avx2(v, z, gs) : gate_portable(v, z, gs);
+      double ssq = 0.0;
+      for (int64_t i = 0; i < gs; ++i) ssq += double(v[i]) * v[i];
+      const float r = 1.0f / std::sqrt(float(ssq / gs) + float(eps));
+      for (int64_t i = 0; i < gs; ++i) v[i] = v[i] * r * nw[g * gs + i];
+      if (norm_before_gate) use_avx2 ? gate_avx2(v, z, gs) : gate_portable(v, z, gs);
+    }
+  });
+  return y;
+}
+
+bool step_has_avx2() { return has_avx2(); }
