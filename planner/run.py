@@ -51,6 +51,7 @@ class SearchOptions:
     heldout_windows: int = 16
     seq_len: int | None = None
     batch_size: int = 8
+    validate: int = 0
     time_limit: float = 120.0
     progress: bool = True
     argv: tuple = field(default_factory=tuple)
@@ -64,11 +65,13 @@ def _validate(o: SearchOptions) -> int:
         raise DfplanError(f"unknown --objective {o.objective!r}; choose predicted or measured")
     if o.trials < 0:
         raise DfplanError(f"--trials must be >= 0, got {o.trials}")
-    if o.objective == "measured":
-        if o.random_init:
-            raise DfplanError("--objective measured needs trained weights; drop --random-init")
-        if not o.corpus:
-            raise DfplanError("--objective measured needs --corpus (held-out text to measure KL on)")
+    if o.validate < 0:
+        raise DfplanError(f"--validate must be >= 0, got {o.validate}")
+    for flag, on in (("--objective measured", o.objective == "measured"), ("--validate", o.validate > 0)):
+        if on and o.random_init:
+            raise DfplanError(f"{flag} needs trained weights; drop --random-init")
+        if on and not o.corpus:
+            raise DfplanError(f"{flag} needs --corpus (held-out text to measure KL on)")
     return budget
 
 
@@ -111,6 +114,33 @@ def _measured_evaluator(o: SearchOptions, cfg, space, sur):
                 "split_seed": seed}
 
 
+def _validate_plans(space, sur, evaluator, chosen, front, uniforms, k: int, say) -> list[dict]:
+    """Measure the chosen plan plus up to k - 1 others, half from the MILP front and half
+    uniform allocations, spread by bytes; -> rows with additive and measured KL."""
+    import numpy as np
+
+    def spread(items, n):
+        if n <= 0 or not items:
+            return []
+        idx = np.unique(np.linspace(0, len(items) - 1, min(n, len(items))).round().astype(int))
+        return [items[i] for i in idx]
+
+    n_front = k // 2
+    picks = [("chosen", chosen)]
+    picks += [(f"front {p.total_bytes / 1e6:.3f} MB", p.assignment) for p in spread(front, n_front)]
+    picks += [(f"uniform {u.name}", u.assignment) for u in spread(uniforms, k - 1 - n_front)]
+    rows, seen = [], set()
+    for label, a in picks:
+        key = tuple(sorted((n, s if isinstance(s, str) else s.name) for n, s in a.items()))
+        if key in seen:
+            continue
+        seen.add(key)
+        m = float(evaluator(a))
+        rows.append({"plan": label, "bytes": space.total_bytes(a), "additive_kl": sur.additive(a), "measured_kl": m})
+        say(f"validate {label}: predicted {sur.additive(a):.6g}, measured {m:.6g}")
+    return rows
+
+
 def _git_commit() -> str | None:
     import subprocess
     root = Path(__file__).resolve().parent.parent
@@ -151,7 +181,7 @@ def search(o: SearchOptions, say=print) -> Plan:
         f"{format_bytes(space.max_bytes, False)}; budget {format_bytes(budget)}; scores: {sur.source}")
 
     evaluator, measured_info = None, {}
-    if o.objective == "measured":
+    if o.objective == "measured" or o.validate:
         evaluator, measured_info = _measured_evaluator(o, cfg, space, sur)
 
     milp = solve(space, sur, budget, time_limit=o.time_limit)
@@ -168,9 +198,14 @@ def search(o: SearchOptions, say=print) -> Plan:
     for s in samplers:
         warm = [milp.assignment] + ([p.assignment for p in front if p.total_bytes <= budget][-8:]
                                     if s == "nsga2" else [])
-        res = run_search(space, sur, budget, sampler=s, n_trials=o.trials, storage=storage,
-                         objective=o.objective, evaluator=evaluator, warm_starts=warm, seed=o.seed,
-                         progress=o.progress)
+        try:
+            res = run_search(space, sur, budget, sampler=s, n_trials=o.trials, storage=storage,
+                             objective=o.objective, evaluator=evaluator, warm_starts=warm, seed=o.seed,
+                             progress=o.progress)
+        except KeyboardInterrupt:
+            say(f"interrupted: the {s} study in {_redact(storage)} keeps its finished trials; "
+                f"rerun the same command to resume it")
+            raise
         runs[s] = res
         b = res.best
         say(f"{s}: {res.n_trials} trials ({res.n_new} new, {res.seconds:.1f} s), best "
@@ -190,9 +225,17 @@ def search(o: SearchOptions, say=print) -> Plan:
             chosen = dict(b.assignment)
         solver_used = o.solver
 
+    # plans measured to check the surrogate: front points and uniform allocations
+    validation = []
+    if o.validate:
+        validation = _validate_plans(space, sur, evaluator, chosen, front, uniforms, o.validate, say)
+        if chosen_kl_measured is None:
+            chosen_kl_measured = validation[0]["measured_kl"]
+
     # correction fitted on every measured plan we have
     corr_info = None
     measured_pts = [(t.additive_kl, t.value) for r in runs.values() for t in r.trials if t.measured]
+    measured_pts += [(v["additive_kl"], v["measured_kl"]) for v in validation]
     if measured_pts:
         a, m = zip(*measured_pts)
         corr = fit_correction(a, m)
@@ -211,7 +254,7 @@ def search(o: SearchOptions, say=print) -> Plan:
         "milp": milp.to_dict(),
         "optuna": {k: r.summary() for k, r in runs.items()},
         "storage": _redact(storage) if runs else None,
-        "correction": corr_info, "measured": measured_info or None,
+        "correction": corr_info, "measured": measured_info or None, "validation": validation or None,
         "measured_kl": chosen_kl_measured,
         "space": {"units": len(space.units), "choices": sum(len(u.specs) for u in space.units),
                   "fixed_bytes": space.fixed_bytes, "min_bytes": space.min_bytes, "max_bytes": space.max_bytes},

@@ -78,10 +78,19 @@ def render_summary(plan, space, sur, milp, front, uniforms, runs, budget: int, e
     corr = prov.get("correction")
     if corr:
         t = corr["tracking"]
+        def f(x, spec=".3f"):
+            return "n/a" if x is None else format(x, spec)
         lines += ["## Surrogate vs measured", "",
                   f"Fitted measured ~= {corr['correction']['scale']:.4g} * additive^{corr['correction']['power']:.3f} "
-                  f"on {t['n']} measured plans: Spearman {t['spearman']}, Pearson(log) {t['pearson_log']}, "
-                  f"median relative error {t['median_rel_err']} (plain sum: {t['raw_median_rel_err']}).", ""]
+                  f"on {t['n']} measured plans: Spearman {f(t['spearman'])}, Pearson of log KL "
+                  f"{f(t['pearson_log'])}, median relative error {f(t['median_rel_err'], '.1%')} after the "
+                  f"correction ({f(t['raw_median_rel_err'], '.1%')} for the plain sum), worst "
+                  f"{f(t['max_rel_err'], '.1%')}.", ""]
+        if prov.get("validation"):
+            rows = [[v["plan"], _mb(v["bytes"]), f"{v['additive_kl']:.6g}", f"{sur.correction(v['additive_kl']):.6g}",
+                     f"{v['measured_kl']:.6g}"] for v in prov["validation"]]
+            lines += [tabulate(rows, headers=["plan", "MB", "sum of unit KL", "corrected", "measured KL"],
+                               tablefmt="github"), ""]
 
     if front:
         rows = [[_mb(p.total_bytes), f"{p.predicted_kl:.6g}"] for p in front]

@@ -227,3 +227,56 @@ def test_cli_missing_table_and_measured_without_corpus(tmp_path, capsys):
                     "--objective", "measured", "--prior")
     assert rc == 2 and "--corpus" in text
     assert not (tmp_path / "r" / "plan.json").exists()
+
+
+def test_study_interrupted_mid_trial_resumes(problem, tmp_path):
+    """Ctrl-C inside a trial: finished trials survive, a rerun completes the study."""
+    cfg, space, sur, budget = problem
+    calls = {"n": 0}
+
+    def flaky(assignment):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return 2.0 * sur.additive(assignment)
+
+    kw = dict(sampler="tpe", storage=_db(tmp_path), objective="measured", progress=False)
+    with pytest.raises(KeyboardInterrupt):
+        run_search(space, sur, budget, n_trials=12, evaluator=flaky, **kw)
+    done = run_search(space, sur, budget, n_trials=0, evaluator=flaky, **kw)
+    assert 4 <= done.n_trials < 12
+    first = {t.number: (t.assignment, t.value) for t in done.trials}
+    res = run_search(space, sur, budget, n_trials=12, evaluator=lambda a: 2.0 * sur.additive(a), **kw)
+    assert res.n_trials == 12 and res.n_new == 12 - done.n_trials
+    assert all({t.number: (t.assignment, t.value) for t in res.trials}[n] == v for n, v in first.items())
+
+
+def test_cli_measured_objective_and_validation(tmp_path, capsys):
+    """A real (random-weight) checkpoint with a tokenizer: measured trials and --validate."""
+    from dfplan.loading import save_mamba_ssm
+    from dfplan.model import build_model
+    from dfplan.tokenizer import train_bpe
+
+    rng = np.random.default_rng(0)
+    words = ["state", "space", "model", "scan", "token", "layer", "bit", "rank", "budget", "plan"]
+    text = "\n".join(" ".join(rng.choice(words, 12)) for _ in range(400))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(text)
+    tok = train_bpe([text], vocab_size=300)
+    cfg = micro_cfg()
+    torch.manual_seed(0)
+    model_dir = save_mamba_ssm(build_model(cfg, seed=0), tmp_path / "teacher", tokenizer=tok)
+    out = tmp_path / "run"
+    write_table(cfg, out / "sensitivity.csv", seed=1)
+    space = build_space(cfg)
+    budget = space.min_bytes + (space.max_bytes - space.min_bytes) // 5
+    rc, text_out = _run(capsys, "search", "--model", str(model_dir), "--budget", str(budget), "--out", str(out),
+                        "--solver", "tpe", "--trials", "5", "--objective", "measured", "--corpus", str(corpus),
+                        "--seq-len", "16", "--heldout-windows", "2", "--validate", "3")
+    assert rc == 0, text_out
+    plan = Plan.from_json(out / "plan.json")
+    prov = plan.provenance
+    assert plan.predicted_bytes <= budget and prov["measured_kl"] > 0
+    assert prov["optuna"]["tpe"]["best"]["measured"] and prov["measured"]["windows"] == 2
+    assert len(prov["validation"]) >= 2 and prov["correction"]["tracking"]["n"] >= 3
+    assert "## Surrogate vs measured" in (out / "plan.md").read_text()

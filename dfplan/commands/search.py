@@ -33,6 +33,9 @@ def _info(msg: str) -> None:
               help="Held-out windows per measured plan.")
 @click.option("--seq-len", default=None, type=click.IntRange(min=2),
               help="Held-out window length (default: the sensitivity table's, so windows stay disjoint from its calibration).")
+@click.option("--validate", default=0, show_default=True, type=click.IntRange(min=0),
+              help="Measure the chosen plan and up to N-1 front / uniform plans on held-out windows (needs "
+                   "--corpus): fits the surrogate's correction and reports how well it tracks.")
 @click.option("--random-init", is_flag=True, help="A preset without weights: plan with the size-only prior.")
 @click.option("--prior", is_flag=True, help="Use the size-only prior instead of a sensitivity table (no quality claim).")
 @click.option("--front-points", default=24, show_default=True, type=click.IntRange(min=2),
@@ -41,11 +44,12 @@ def _info(msg: str) -> None:
 @click.option("--time-limit", default=120.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds per MILP solve.")
 def command(model_arg, budget, out, sensitivity, solver, trials, objective, storage, corpus, tokenizer,
-            heldout_windows, seq_len, random_init, prior, front_points, seed, time_limit):
+            heldout_windows, seq_len, validate, random_init, prior, front_points, seed, time_limit):
     from ..planner.run import SearchOptions, search
     search(SearchOptions(model=model_arg, budget=budget, out=out, sensitivity=sensitivity, solver=solver,
                          trials=trials, objective=objective, storage=storage, corpus=tuple(corpus),
                          tokenizer=tokenizer, random_init=random_init, prior=prior, seed=seed,
                          front_points=front_points, heldout_windows=heldout_windows, seq_len=seq_len,
-                         time_limit=time_limit, progress=sys.stderr.isatty(), argv=tuple(sys.argv[1:])),
+                         validate=validate, time_limit=time_limit, progress=sys.stderr.isatty(),
+                         argv=tuple(sys.argv[1:])),
            say=_info)
