@@ -113,8 +113,11 @@ def _quiet_optuna():
 
 
 def open_storage(url: str):
-    """An Optuna RDB storage; a file that is not an Optuna database -> DfplanError."""
+    """An Optuna RDB storage; a file that is not an Optuna database -> DfplanError.
+    "memory" gives a non-persistent in-process storage (benchmarks, throwaway searches)."""
     optuna = _quiet_optuna()
+    if url == "memory":
+        return optuna.storages.InMemoryStorage()
     kw = {}
     if url.startswith("sqlite:///"):
         from pathlib import Path

@@ -214,23 +214,27 @@ def load_surrogate(path: str | Path, cfg: Mamba2Config) -> Surrogate:
 # -- correction on measured plans --------------------------------------------------------------
 
 def fit_correction(additive: Sequence[float], measured: Sequence[float], power: bool = True) -> Correction:
-    """Fit measured ~= scale * additive ** power by least squares on log values.
+    """Fit measured ~= scale * additive ** power on plans with both values > 0.
 
-    Needs >= 1 plan with both values > 0 for a scale, >= 3 for a power (else power stays 1).
-    The power is clipped to [0.25, 4] so a handful of noisy plans cannot flip its meaning."""
+    Three candidates: none (scale 1, power 1), a scale alone (the median of measured / additive,
+    robust to a few outliers), and scale with power (least squares on log values, >= 3 plans,
+    power clipped to [0.25, 4]); the one with the smallest median relative error wins, so the
+    correction never tracks the measurements worse than the plain sum does."""
     a = np.asarray(additive, dtype=float)
     m = np.asarray(measured, dtype=float)
     ok = (a > 0) & (m > 0) & np.isfinite(a) & np.isfinite(m)
-    a, m = np.log(a[ok]), np.log(m[ok])
+    a, m = a[ok], m[ok]
     if a.size == 0:
         return Correction()
-    if power and a.size >= 3 and np.ptp(a) > 1e-9:
-        p, c = np.polyfit(a, m, 1)
-        p = float(np.clip(p, 0.25, 4.0))
-        c = float(np.mean(m - p * a))
-    else:
-        p, c = 1.0, float(np.mean(m - a))
-    return Correction(scale=float(math.exp(c)), power=p)
+    cands = [Correction(), Correction(scale=float(np.median(m / a)))]
+    la, lm = np.log(a), np.log(m)
+    if power and a.size >= 3 and np.ptp(la) > 1e-9:
+        p = float(np.clip(np.polyfit(la, lm, 1)[0], 0.25, 4.0))
+        cands.append(Correction(scale=float(math.exp(np.mean(lm - p * la))), power=p))
+
+    def med_err(c: Correction) -> float:
+        return float(np.median(np.abs(c.scale * a ** c.power - m) / m))
+    return min(cands, key=med_err)
 
 
 def tracking(additive: Sequence[float], measured: Sequence[float], corr: Correction) -> Tracking:

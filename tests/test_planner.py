@@ -200,6 +200,15 @@ def test_fit_correction_recovers_scale_and_power():
     assert fit_correction([], []) == Correction()
 
 
+def test_correction_never_tracks_worse_than_the_sum():
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        a = np.exp(rng.uniform(-12, 0, 15))
+        m = a * np.exp(rng.normal(0, 0.8, 15)) * rng.choice([0.5, 1, 3])
+        t = tracking(a, m, fit_correction(a, m))
+        assert t.median_rel_err <= t.raw_median_rel_err + 1e-12
+
+
 def test_correction_keeps_milp_choice():
     space, sur = _space(micro_cfg(), seed=4)
     b = (space.min_bytes + space.max_bytes) // 3

@@ -26,7 +26,8 @@ def _info(msg: str) -> None:
 @click.option("--objective", type=click.Choice(["predicted", "measured"]), default="predicted", show_default=True,
               help="predicted: sum of per-unit KL; measured: true KL of each plan on held-out windows (needs --corpus).")
 @click.option("--storage", default=None,
-              help="Optuna RDB URL (default sqlite:///OUT/study.db; e.g. postgresql://user@host/db to share a study).")
+              help="Optuna RDB URL (default sqlite:///OUT/study.db; e.g. postgresql://user@host/db to share a "
+                   "study), or 'memory' for a study that is not kept.")
 @click.option("--corpus", multiple=True, help="Held-out text for --objective measured: file, folder, glob or 'builtin'.")
 @click.option("--tokenizer", default=None, help="tokenizer.json or hub id (default: the model's own).")
 @click.option("--heldout-windows", default=16, show_default=True, type=click.IntRange(min=1),
