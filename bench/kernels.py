@@ -162,7 +162,8 @@ def run_kernel_bench(cfg: BenchConfig) -> dict:
         cache_name = "GPU L2"
     else:
         cache_bytes, cache_name = l3_bytes(), "L3"
-    bw = memory_bandwidth(cfg.device, nbytes=cfg.bandwidth_bytes * (1 if cfg.device == "cpu" else 4))
+    bw_bytes = cfg.bandwidth_bytes * (1 if cfg.device == "cpu" else 4)
+    bw = memory_bandwidth(cfg.device, nbytes=bw_bytes)
     bw_gbs = bw["read_gbs"]
     g = torch.Generator().manual_seed(0)
     rows = []
@@ -173,6 +174,11 @@ def run_kernel_bench(cfg: BenchConfig) -> dict:
                 if unit == "lm_head" and impl in HEAD_IMPLS:
                     continue
                 rows += _measure(impl, unit, out_f, in_f, cfg.batches, cfg, cache_bytes, bw_gbs, g)
+    # measured again at the end: on a shared machine bandwidth drifts; fractions use the
+    # first measurement, both are recorded
+    bw_end = memory_bandwidth(cfg.device, nbytes=bw_bytes)
+    bw["read_gbs_at_end"] = bw_end["read_gbs"]
+    bw["copy_gbs_at_end"] = bw_end["copy_gbs"]
     _add_ratios(rows)
     res = {
         "benchmark": "kernels",
@@ -237,8 +243,10 @@ def format_table(res: dict) -> str:
             for r in res["rows"]]
     bw = res["bandwidth"]
     lines = [tabulate(body, head, tablefmt="github"), "",
-             f'memory bandwidth ({res["config"]["device"]}, same run): read {bw["read_gbs"]:.1f} GB/s, '
-             f'copy {bw["copy_gbs"]:.1f} GB/s; {res["cache_policy"]}']
+             f'memory bandwidth ({res["config"]["device"]}, same run): read {bw["read_gbs"]:.1f} GB/s '
+             f'(at the end {bw["read_gbs_at_end"]:.1f}), copy {bw["copy_gbs"]:.1f} GB/s; '
+             f'load average {res["metadata"]["cpu"].get("loadavg_1m_5m_15m")}',
+             res["cache_policy"]]
     for name, c in res["checks"].items():
         lines.append(f"{name}: {c}")
     return "\n".join(lines)
