@@ -154,14 +154,19 @@ def analyze(model, windows, cfg: AnalyzerConfig = AnalyzerConfig(), *, rank: int
         if cache is None:
             cache = TeacherCache(model, windows, cfg.batch_windows)
         teacher_bf = cache.block_forwards
-        bar = tqdm(mine, disable=not progress, desc=f"sensitivity[{rank}]" if world > 1 else "sensitivity",
-                   unit="job", dynamic_ncols=True)
-        for job in bar:
-            bar.set_postfix_str(job.id, refresh=False)
-            res = evaluate_job(model, cache, job, cfg, max_tokens)
-            if store is not None:
-                store.save(res)
-            results.append(res)
+        # progress in block-forwards (the head counted as one), so the ETA weighs a block-0 job
+        # (the whole suffix) more than a last-block one; the postfix counts jobs
+        n_layer = model.config.n_layer
+        bar = tqdm(total=sum(j.cost(n_layer) for j in mine), disable=not progress, unit="blk",
+                   desc=f"sensitivity[{rank}]" if world > 1 else "sensitivity", dynamic_ncols=True)
+        with bar:
+            for i, job in enumerate(mine):
+                bar.set_postfix_str(f"job {i + 1}/{len(mine)} {job.id}", refresh=False)
+                res = evaluate_job(model, cache, job, cfg, max_tokens)
+                if store is not None:
+                    store.save(res)
+                results.append(res)
+                bar.update(job.cost(n_layer))
     return results, teacher_bf, jobs, skipped
 
 
