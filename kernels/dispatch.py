@@ -42,12 +42,24 @@ def _triton_usable(device: torch.device) -> bool:
     return True
 
 
+_BACKENDS: dict = {}  # (mode, device type, TRITON_INTERPRET) -> backend; decode calls are hot
+_environ = os.environ
+
+
 def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
     """The backend that will run for activations x (honours DFPLAN_KERNELS / `backend`)."""
-    mode = (backend or kernel_mode()).lower()
+    mode = backend or _environ.get("DFPLAN_KERNELS", "auto")
+    # TRITON_INTERPRET only changes the answer when Triton is forced (CPU tensors allowed)
+    key = (mode, x.device.type, _environ.get("TRITON_INTERPRET") if mode[:1] in "tT" else None)
+    be = _BACKENDS.get(key)
+    if be is None:
+        be = _BACKENDS[key] = _select(x.device, mode.strip().lower() or "auto")
+    return be
+
+
+def _select(dev: torch.device, mode: str) -> str:
     if mode not in MODES:
-        raise DfplanError(f"kernel backend {mode!r} is not one of {', '.join(MODES)}")
-    dev = x.device
+        raise DfplanError(f"kernel backend / DFPLAN_KERNELS={mode!r} is not one of {', '.join(MODES)}")
     if mode == "ref":
         return "ref"
     if mode == "cpu":
@@ -80,6 +92,9 @@ def _fail(fn: str, msg: str):
 
 
 def _check_vec(fn, name, t, n, device):
+    if (isinstance(t, torch.Tensor) and t.dtype in _FLOATS and t.dim() == 1 and t.shape[0] == n
+            and t.device == device):
+        return  # the common case, checked in one go; the branches below only explain failures
     if not isinstance(t, torch.Tensor):
         _fail(fn, f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
@@ -91,6 +106,11 @@ def _check_vec(fn, name, t, n, device):
 
 
 def _check_mat(fn, name, t, dtype, shape, device):
+    if (isinstance(t, torch.Tensor) and t.dtype == dtype and t.dim() == 2
+            and (shape[0] is None or t.shape[0] == shape[0])
+            and (shape[1] is None or t.shape[1] == shape[1]) and t.is_contiguous()
+            and t.device == device):
+        return
     if not isinstance(t, torch.Tensor):
         _fail(fn, f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype != dtype:
@@ -163,10 +183,48 @@ def check_int8_args(x, qweight, scale, bias) -> None:
 
 
 def _needs_grad(*ts) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in ts)
+    if not torch.is_grad_enabled():
+        return False
+    for t in ts:
+        if t is not None and t.requires_grad:
+            return True
+    return False
+
+
+_fast: dict = {}  # backend entry points, imported once (an import statement per call costs us)
+
+
+def _impl(name: str):
+    f = _fast.get(name)
+    if f is None:
+        if name.endswith("_cpu"):
+            from . import cpu as mod
+        else:
+            from . import triton_linear as mod
+        f = _fast[name] = getattr(mod, name)
+    return f
 
 
 # --- entry points ---------------------------------------------------------------------------
+
+def _as_rows(x, in_features, dtype):
+    """x (..., in) -> contiguous (T, in) [in `dtype`]; a no-op for the usual decode input."""
+    if x.dim() != 2 or not x.is_contiguous() or (dtype is not None and x.dtype != dtype):
+        x = x.reshape(-1, in_features)
+        if dtype is not None:
+            x = x.to(dtype)
+        x = x.contiguous()
+    return x
+
+
+def _like(y, x):
+    """(T, out) kernel result -> (..., out) in x's dtype."""
+    if y.dtype != x.dtype:
+        y = y.to(x.dtype)
+    if x.dim() != 2:
+        y = y.reshape(*x.shape[:-1], y.shape[-1])
+    return y
+
 
 def binary_linear(x, bits, row_scale, in_features, *, col_scale=None, col_shift=None, u=None,
                   u_scale=None, v=None, v_scale=None, bias=None, backend: str | None = None):
@@ -184,15 +242,13 @@ def binary_linear(x, bits, row_scale, in_features, *, col_scale=None, col_shift=
     be = select_backend(x, backend)
     if be == "ref" or _needs_grad(x, row_scale, col_scale, col_shift, u_scale, v_scale, bias):
         return ref.binary_linear_ref(x, bits, row_scale, in_features, **kw)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, in_features)
     if be == "cpu":
-        from .cpu import binary_linear_cpu
-        y = binary_linear_cpu(x2.float().contiguous(), bits, row_scale, in_features, **kw)
+        y = _impl("binary_linear_cpu")(_as_rows(x, in_features, torch.float32), bits, row_scale,
+                                       in_features, **kw)
     else:
-        from .triton_linear import binary_linear_triton
-        y = binary_linear_triton(x2.contiguous(), bits, row_scale, in_features, **kw)
-    return y.to(x.dtype).reshape(*lead, bits.shape[0])
+        y = _impl("binary_linear_triton")(_as_rows(x, in_features, None), bits, row_scale,
+                                          in_features, **kw)
+    return _like(y, x)
 
 
 def int8_linear(x, qweight, scale, bias=None, *, backend: str | None = None):
@@ -201,15 +257,12 @@ def int8_linear(x, qweight, scale, bias=None, *, backend: str | None = None):
     be = select_backend(x, backend)
     if be == "ref" or _needs_grad(x, scale, bias):
         return ref.int8_linear_ref(x, qweight, scale, bias)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, qweight.shape[1])
     if be == "cpu":
-        from .cpu import int8_linear_cpu
-        y = int8_linear_cpu(x2.float().contiguous(), qweight, scale, bias)
+        y = _impl("int8_linear_cpu")(_as_rows(x, qweight.shape[1], torch.float32), qweight, scale,
+                                     bias)
     else:
-        from .triton_linear import int8_linear_triton
-        y = int8_linear_triton(x2.contiguous(), qweight, scale, bias)
-    return y.to(x.dtype).reshape(*lead, qweight.shape[0])
+        y = _impl("int8_linear_triton")(_as_rows(x, qweight.shape[1], None), qweight, scale, bias)
+    return _like(y, x)
 
 
 def int8_embedding(ids, qweight, scale, dtype=torch.float32):
