@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import itertools
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -77,9 +78,12 @@ def _weights(impl: str, out_f: int, in_f: int, rank: int, device: str, g: torch.
     elif impl == "fbgemm-int8":
         from torch.ao.nn.quantized.dynamic import Linear as DynLinear
         s = (W.abs().amax(1) / 127).double()
-        qw = torch.quantize_per_channel(W, s, torch.zeros(out_f, dtype=torch.int64), 0, torch.qint8)
-        m = DynLinear(in_f, out_f, bias_=False, dtype=torch.qint8)
-        m.set_weight_bias(qw, None)
+        with warnings.catch_warnings():  # torch deprecates quantized tensors; still the baseline
+            warnings.simplefilter("ignore", UserWarning)
+            qw = torch.quantize_per_channel(W, s, torch.zeros(out_f, dtype=torch.int64), 0,
+                                            torch.qint8)
+            m = DynLinear(in_f, out_f, bias_=False, dtype=torch.qint8)
+            m.set_weight_bias(qw, None)
         w = [m]
         del W
 
