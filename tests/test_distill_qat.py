@@ -137,3 +137,13 @@ def test_loss_matches_definition():
     assert abs(p2["kl"].item()) < 1e-6 and math.isclose(same.item(), 0.0, abs_tol=1e-5)
     with pytest.raises(DfplanError):
         LossConfig(0.0, 0.0, 2.0)
+
+
+def test_correction_can_start_from_another_target():
+    """correction_from='teacher': U V approximate teacher - scaffold(latent), not latent - scaffold."""
+    w, t = _w(seed=0), _w(seed=1)
+    m = QATBinaryLinear(w, Binary("row", 24))            # full rank: the residual is reproduced
+    m.begin_correction(target=t)
+    m.phase = "correct"
+    assert torch.allclose(m.weight_eff().detach(), t, atol=1e-4)
+    assert torch.equal(m.signs.float(), quant.signs(w))  # the scaffold is still the latent's

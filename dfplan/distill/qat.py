@@ -95,7 +95,8 @@ class QATIntNLinear(QATLinear):
             return ste(q, w)
         return ste(torch.lerp(w.detach(), q, a), w)
 
-    def begin_correction(self, generator: torch.Generator | None = None) -> None:
+    def begin_correction(self, generator: torch.Generator | None = None,
+                         target: torch.Tensor | None = None) -> None:
         """Nothing changes shape: the latent keeps training under full fake quantization."""
 
     @torch.no_grad()
@@ -150,12 +151,16 @@ class QATBinaryLinear(QATLinear):
 
     # -- stage 2 ------------------------------------------------------------------------
     @torch.no_grad()
-    def begin_correction(self, generator: torch.Generator | None = None) -> None:
-        """Freeze the scaffold at Q(latent); start U, V from the latent's residual (spec.init)."""
+    def begin_correction(self, generator: torch.Generator | None = None,
+                         target: torch.Tensor | None = None) -> None:
+        """Freeze the scaffold at Q(latent); start U, V (spec.init) from the residual
+        target - scaffold, target = the latent (default) or e.g. the teacher's weight."""
         if self.stage2:
             return
         w = self.latent.detach().float()
         S, scales, scaffold = self._binarize(w)
+        if target is not None:
+            w = target.detach().float().to(w.device)
         self.register_buffer("signs", S.to(torch.int8))
         if self.spec.scale == "row":
             self.row_scale = nn.Parameter(scales[0].float())

@@ -89,11 +89,16 @@ def build_student(teacher: nn.Module, plan) -> nn.Module:
     return student
 
 
-def begin_stage2(student: nn.Module, seed: int) -> None:
-    """Freeze every scaffold and start its correction (deterministic for a given seed)."""
+def begin_stage2(student: nn.Module, seed: int, teacher: nn.Module | None = None) -> None:
+    """Freeze every scaffold and start its correction (deterministic for a given seed).
+
+    The correction approximates latent - scaffold, or teacher weight - scaffold when a
+    teacher is given (what the annealed scaffold lost of the original layer).
+    """
     g = torch.Generator().manual_seed(int(seed))
-    for _, m in qat_modules(student):
-        m.begin_correction(generator=g)
+    for name, m in qat_modules(student):
+        target = None if teacher is None else teacher.get_submodule(name).weight
+        m.begin_correction(generator=g, target=target)
 
 
 def allocate_stage2(student: nn.Module) -> None:

@@ -54,6 +54,7 @@ class DistillConfig:
     grad_clip: float = 1.0
     loss: LossConfig = field(default_factory=LossConfig)
     train_norms: bool = False
+    correction_from: str = "latent"      # residual the stage-2 correction starts from: latent | teacher
     valid_fraction: float = 0.05
     checkpoint_every: int = 100
     seed: int = 0
@@ -66,6 +67,8 @@ class DistillConfig:
         for k in ("seq_len", "batch_size", "checkpoint_every"):
             if getattr(self, k) <= 0:
                 raise DfplanError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
+        if self.correction_from not in ("latent", "teacher"):
+            raise DfplanError(f"correction_from must be 'latent' or 'teacher', got {self.correction_from!r}")
         for k in ("lr_latent", "lr_correction", "lr_scale", "lr_norm"):
             if not getattr(self, k) > 0:
                 raise DfplanError(f"--{k.replace('_', '-')} must be positive, got {getattr(self, k)}")
@@ -254,7 +257,7 @@ def train(teacher: torch.nn.Module, plan, tokens: np.ndarray, split: WindowSplit
             stage, phase = sched.stage(step), sched.phase(step)
             if stage != opt_stage:
                 if stage == 2:
-                    begin_stage2(student, cfg.seed)
+                    begin_stage2(student, cfg.seed, teacher if cfg.correction_from == "teacher" else None)
                     student.to(device)
                 opt, params = make_optimizer(student, stage, cfg)
                 opt_stage = stage
