@@ -2,8 +2,9 @@
 
 One categorical parameter per unit (its format name). The budget is a constraint,
 trial.set_constraint("budget", bytes - budget) (<= 0 is feasible), which TPE and NSGA-II both
-honour. The MILP optimum is enqueued first as a warm start (NSGA-II also gets the MILP front
-points under the budget), skipped when the study already holds it.
+honour. Warm starts are enqueued first (`dfplan search` passes the MILP optimum, MILP front
+points and uniform allocations under the budget: on a large model random plans almost never
+fit a tight budget), each skipped when the study already holds it.
 
 Objectives: "predicted" scores a plan with the surrogate (cheap; the MILP is exact for it, so
 Optuna can at best tie); "measured" calls an evaluator that applies the plan to a copy of the
@@ -95,7 +96,8 @@ def study_name(space: SearchSpace, sur: Surrogate, budget: int, sampler: str, ob
                extra: Mapping | None = None) -> str:
     """Stable name from the problem's definition: same inputs, same study (so reruns resume)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"model": repr(space.cfg), "default": space.default.name, "fixed": space.fixed_bytes,
+    # the config's content, not its name (a directory name), so machines sharing a study agree
+    h.update(json.dumps({"model": space.cfg.to_mamba_ssm_dict(), "default": space.default.name, "fixed": space.fixed_bytes,
                          "units": [[u.unit.name, list(u.names), list(u.nbytes)] for u in space.units],
                          "budget": budget, "sampler": sampler, "objective": objective,
                          "extra": dict(extra or {})}, sort_keys=True).encode())
@@ -246,7 +248,9 @@ def run_search(space: SearchSpace, sur: Surrogate, budget: int, *, sampler: str 
             if b:
                 bar.set_postfix(kl=f"{b['kl']:.4g}", MB=f"{b['bytes'] / 1e6:.2f}")
         try:
-            study.optimize(objective_fn, n_trials=n_new, callbacks=[tick], gc_after_trial=False,
+            # MaxTrialsCallback counts the whole study, so workers sharing it stop at n_trials together
+            stop = optuna.study.MaxTrialsCallback(n_trials, states=(TrialState.COMPLETE,))
+            study.optimize(objective_fn, n_trials=n_new, callbacks=[tick, stop], gc_after_trial=False,
                            catch=())
         except DfplanError:
             raise

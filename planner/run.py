@@ -196,8 +196,9 @@ def search(o: SearchOptions, say=print) -> Plan:
     samplers = [s for s in SAMPLERS if o.solver in (s, "all")]
     storage = o.storage or f"sqlite:///{(out / 'study.db').resolve()}"
     for s in samplers:
-        warm = [milp.assignment] + ([p.assignment for p in front if p.total_bytes <= budget][-8:]
-                                    if s == "nsga2" else [])
+        # feasible starting points: random plans of a big model almost never fit a tight budget
+        warm = ([milp.assignment] + [p.assignment for p in front if p.total_bytes <= budget][-8:]
+                + [u.assignment for u in uniforms if u.total_bytes <= budget][-4:])
         try:
             res = run_search(space, sur, budget, sampler=s, n_trials=o.trials, storage=storage,
                              objective=o.objective, evaluator=evaluator, warm_starts=warm, seed=o.seed,
@@ -211,19 +212,21 @@ def search(o: SearchOptions, say=print) -> Plan:
         say(f"{s}: {res.n_trials} trials ({res.n_new} new, {res.seconds:.1f} s), best "
             + ("none feasible" if b is None else f"KL {b.value:.6g} at {format_bytes(b.total_bytes, False)}"))
 
+    # the chosen plan and what produced it: a sampler only when it beat the MILP optimum
+    milp_names = {k: v.name for k, v in milp.assignment.items()}
     if o.objective == "measured":
-        bests = [r.best for r in runs.values() if r.best is not None and r.best.measured]
+        bests = [(k, r.best) for k, r in runs.items() if r.best is not None and r.best.measured]
         if bests:
-            b = min(bests, key=lambda r: (r.value, r.total_bytes))
+            k, b = min(bests, key=lambda kb: (kb[1].value, kb[1].total_bytes))
             chosen, chosen_kl_measured = dict(b.assignment), b.value
-            solver_used = next(k for k, r in runs.items() if r.best is b)
+            solver_used = "milp" if b.assignment == milp_names else k
         else:   # solver milp only: measure the certified predicted optimum
             chosen_kl_measured = float(evaluator(milp.assignment))
-    elif o.solver in SAMPLERS:
-        b = runs[o.solver].best        # warm-started from the MILP, so never worse
-        if b is not None and b.value < milp.predicted_kl:
+    else:
+        better = [(k, r.best) for k, r in runs.items() if r.best is not None and r.best.value < milp.predicted_kl]
+        if better:
+            solver_used, b = min(better, key=lambda kb: kb[1].value)
             chosen = dict(b.assignment)
-        solver_used = o.solver
 
     # plans measured to check the surrogate: front points and uniform allocations
     validation = []
@@ -244,7 +247,9 @@ def search(o: SearchOptions, say=print) -> Plan:
 
     nbytes = space.total_bytes(chosen)
     assert nbytes <= budget
-    notes = [f"{solver_used} plan for {format_bytes(budget)} on {cfg.name}"]
+    notes = [f"{solver_used} plan for {format_bytes(budget)} on {cfg.name}, objective {o.objective} KL"]
+    if runs and solver_used == "milp":
+        notes.append(f"{' and '.join(runs)} found no plan better than the MILP optimum")
     if sur.source == "prior":
         notes.insert(0, PRIOR_NOTE)
     prov = {
