@@ -77,6 +77,8 @@ def _validate(o: SearchOptions) -> int:
 
 def _scores(o: SearchOptions, cfg, out: Path):
     """-> Surrogate, from the table or the prior."""
+    if o.prior and o.sensitivity:
+        raise DfplanError("pass either --prior (size-only scores) or --sensitivity TABLE, not both")
     if o.prior or (o.random_init and o.sensitivity is None):
         return prior_surrogate(cfg)
     table = Path(o.sensitivity) if o.sensitivity else out / "sensitivity.csv"

@@ -226,6 +226,12 @@ def test_cli_missing_table_and_measured_without_corpus(tmp_path, capsys):
     rc, text = _run(capsys, "search", "--model", str(model), "--budget", "10MB", "--out", str(tmp_path / "r"),
                     "--objective", "measured", "--prior")
     assert rc == 2 and "--corpus" in text
+    rc, text = _run(capsys, "search", "--model", str(model), "--budget", "10MB", "--out", str(tmp_path / "r"),
+                    "--prior", "--sensitivity", str(tmp_path / "t.csv"))
+    assert rc == 2 and "not both" in text
+    rc, text = _run(capsys, "search", "--model", str(model), "--budget", "10MB", "--out", str(tmp_path / "r"),
+                    "--prior", "--solver", "tpe", "--storage", "nosuchdb://x")
+    assert rc == 2 and "storage" in text
     assert not (tmp_path / "r" / "plan.json").exists()
 
 
