@@ -35,7 +35,8 @@ def render_summary(plan, space, sur, milp, front, uniforms, runs, budget: int, e
     head = [["budget", format_bytes(budget)],
             ["predicted bytes", format_bytes(plan.predicted_bytes)],
             ["headroom", f"{budget - plan.predicted_bytes:,} bytes"],
-            ["predicted KL (nats/token)", f"{plan.predicted_kl:.6g}"],
+            ["pseudo-KL (size-only prior, not nats)" if sur.source == "prior" else "predicted KL (nats/token)",
+             f"{plan.predicted_kl:.6g}"],
             ["solver", plan.solver],
             ["scores", sur.source],
             ["MILP", f"{milp.status}, gap {milp.gap:.2g}, dual bound {milp.dual_bound:.6g}, {milp.seconds:.2f} s"]]
