@@ -175,3 +175,13 @@ def test_unigram_ppl():
     # skewed text: far below the vocab size
     skew = rng.choice(V, 20_000, p=np.r_[0.9, np.full(V - 1, 0.1 / (V - 1))])
     assert unigram_ppl(skew, skew[:5000], V) < 3
+
+
+def test_long_text_pieces_cut_at_newlines(monkeypatch):
+    import dfplan.data as data
+    monkeypatch.setattr(data, "_PIECE_CHARS", 100)
+    text = "".join(f"line {i} " * (i % 7) + "\n" for i in range(200))
+    pieces = data._pieces(text)
+    assert "".join(pieces) == text and len(pieces) > 5
+    assert all(len(p) <= 100 for p in pieces)
+    assert all(p.endswith("\n") for p in pieces[:-1])
