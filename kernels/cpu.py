@@ -24,8 +24,9 @@ import torch
 from .packing import pack_signs
 
 ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512-vnni"}
-_SOURCES = [Path(__file__).parent / "csrc" / "linear_cpu.cpp",
-            Path(__file__).parent / "csrc" / "step_cpu.cpp"]
+_CSRC = Path(__file__).parent / "csrc"
+_SOURCES = [_CSRC / "linear_cpu.cpp", _CSRC / "int8_cpu.cpp", _CSRC / "step_cpu.cpp"]
+_HEADERS = [_CSRC / "cpu_common.h"]
 # No -march: the wide paths use function-level target attributes (see the source).
 _CFLAGS = ["-O3", "-fno-math-errno"]
 _NAME = "dfplan_kernels_cpu"
@@ -41,7 +42,7 @@ def cache_root() -> Path:
 
 def build_hash() -> str:
     h = hashlib.sha256()
-    for src in _SOURCES:
+    for src in _SOURCES + _HEADERS:
         h.update(src.read_bytes())
     h.update(" ".join(_CFLAGS).encode())
     h.update(torch.__version__.encode())

@@ -8,8 +8,11 @@
 //   norm:  RMSNorm per SSM group, times the norm weight
 // Same maths as kernels/ref.py mamba2_step_ref (fp32 throughout); the AVX2 path differs from
 // it only by fused multiply-adds, summation order and a polynomial exp (rel. error ~1e-7).
-#include <torch/extension.h>
+// Only the ATen pieces used here: torch/extension.h (pybind11, the whole C++ API) takes
+// several times longer to compile and is needed only by the file with the bindings.
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <immintrin.h>
 
@@ -111,19 +114,19 @@ bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
-const float* f32_ptr(const torch::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == torch::kFloat && t.is_contiguous(), name,
+const float* f32_ptr(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
               " must be a contiguous float32 CPU tensor");
   return t.data_ptr<float>();
 }
 
 }  // namespace
 
-torch::Tensor mamba2_step(const torch::Tensor& zxbcdt, torch::Tensor conv_state,
-                          torch::Tensor ssm_state, const torch::Tensor& conv_weight,
-                          const c10::optional<torch::Tensor>& conv_bias,
-                          const torch::Tensor& dt_bias, const torch::Tensor& A_log,
-                          const torch::Tensor& D, const torch::Tensor& norm_weight, double eps,
+at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
+                          at::Tensor ssm_state, const at::Tensor& conv_weight,
+                          const c10::optional<at::Tensor>& conv_bias,
+                          const at::Tensor& dt_bias, const at::Tensor& A_log,
+                          const at::Tensor& D, const at::Tensor& norm_weight, double eps,
                           int64_t ngroups, int64_t headdim, int64_t d_state,
                           bool norm_before_gate, bool use_avx2) {
   const int64_t Bsz = zxbcdt.size(0);
@@ -151,7 +154,7 @@ torch::Tensor mamba2_step(const torch::Tensor& zxbcdt, torch::Tensor conv_state,
   TORCH_CHECK(!use_avx2 || has_avx2(), "AVX2/FMA requested but not supported by this CPU");
   const bool d_per_channel = D.numel() == d_inner;
 
-  auto y = torch::empty({Bsz, d_inner}, zxbcdt.options());
+  auto y = at::empty({Bsz, d_inner}, zxbcdt.options());
   float* yp = y.data_ptr<float>();
   std::vector<float> xbc(static_cast<size_t>(Bsz * conv_dim));
   const int64_t zw = zxbcdt.size(1);
