@@ -29,10 +29,13 @@ def _info(msg: str) -> None:
               help="Share of stage 1 over which a rises 0 -> 1.")
 @click.option("--final-fraction", default=0.25, show_default=True, type=float,
               help="Share of stage 2 trained with integer corrections in the forward.")
-@click.option("--lr-latent", default=1e-4, show_default=True, type=float)
-@click.option("--lr-correction", default=1e-3, show_default=True, type=float)
-@click.option("--lr-scale", default=1e-4, show_default=True, type=float)
-@click.option("--lr-norm", default=1e-4, show_default=True, type=float)
+@click.option("--lr-latent", default=3e-4, show_default=True, type=float,
+              help="Latent weights (stage 1; IntN units throughout).")
+@click.option("--lr-correction", default=3e-3, show_default=True, type=float, help="Low-rank U, V.")
+@click.option("--lr-scale", default=3e-4, show_default=True, type=float, help="Binary row / FBI scales.")
+@click.option("--lr-norm", default=3e-4, show_default=True, type=float, help="RMSNorm weights (--train-norms).")
+@click.option("--correction-from", type=click.Choice(["latent", "teacher"]), default="latent", show_default=True,
+              help="Stage-2 corrections start from the residual of the annealed latent or of the teacher.")
 @click.option("--kl-weight", default=0.7, show_default=True, type=float)
 @click.option("--ce-weight", default=0.3, show_default=True, type=float)
 @click.option("--temperature", default=2.0, show_default=True, type=float)
@@ -46,7 +49,7 @@ def _info(msg: str) -> None:
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads per process.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def command(teacher, plan_arg, corpus, tokens, out, glob_, tokenizer, seq_len, batch_size, stage1_fraction,
-            anneal_fraction, final_fraction, lr_latent, lr_correction, lr_scale, lr_norm, kl_weight,
+            anneal_fraction, final_fraction, lr_latent, lr_correction, lr_scale, lr_norm, correction_from, kl_weight,
             ce_weight, temperature, train_norms, checkpoint_every, eval_corpus, eval_windows, eval_seq_len,
             seed, device, threads, resume):
     from ..distill.losses import LossConfig
@@ -57,7 +60,7 @@ def command(teacher, plan_arg, corpus, tokens, out, glob_, tokenizer, seq_len, b
     cfg = DistillConfig(tokens=parse_count(tokens), seq_len=seq_len, batch_size=batch_size,
                         stage1_fraction=stage1_fraction, anneal_fraction=anneal_fraction,
                         final_fraction=final_fraction, lr_latent=lr_latent, lr_correction=lr_correction,
-                        lr_scale=lr_scale, lr_norm=lr_norm,
+                        lr_scale=lr_scale, lr_norm=lr_norm, correction_from=correction_from,
                         loss=LossConfig(kl_weight, ce_weight, temperature), train_norms=train_norms,
                         checkpoint_every=checkpoint_every, seed=seed)
     job = DistillJob(teacher=teacher, plan=plan_arg, corpus=tuple(corpus), out=out, config=cfg, glob=glob_,

@@ -45,10 +45,12 @@ class DistillConfig:
     stage1_fraction: float = 0.38        # DF-SSM: 12.3M of 32.3M tokens
     anneal_fraction: float = 0.8         # a reaches 1 after this fraction of stage 1
     final_fraction: float = 0.25         # last fraction of stage 2 with integer corrections
-    lr_latent: float = 1e-4              # latent weights (stage 1; IntN units in stage 2)
-    lr_correction: float = 1e-3          # low-rank U, V
-    lr_scale: float = 1e-4               # Binary row / FBI scales
-    lr_norm: float = 1e-4                # RMSNorm weights when train_norms
+    # AdamW learning rates per parameter group; tuned on the built-in tiny teacher (larger
+    # models, with smaller weights, may want them lower)
+    lr_latent: float = 3e-4              # latent weights (stage 1; IntN units in stage 2)
+    lr_correction: float = 3e-3          # low-rank U, V
+    lr_scale: float = 3e-4               # Binary row / FBI scales
+    lr_norm: float = 3e-4                # RMSNorm weights when train_norms
     warmup: int = 20
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
