@@ -42,7 +42,7 @@ class BenchConfig:
     budget_s: float = 1.0             # time budget per measurement
     rank: int = 16                    # rank of the bin+rN correction
     threads: int | None = None
-    bandwidth_bytes: int = 1 << 30    # buffer for the same-run bandwidth measurement
+    bandwidth_bytes: int = 256 << 20  # buffer for the same-run bandwidth measurement (> 2 x L3)
 
 
 def unit_shapes(cfg: Mamba2Config) -> dict[str, tuple[int, int]]:

@@ -39,7 +39,7 @@ def command():
 @click.option("--budget", "budget_s", default=1.0, show_default=True, type=float,
               help="Seconds of samples per measurement.")
 @click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
-@click.option("--bandwidth-mib", default=1024, show_default=True, type=click.IntRange(16, None),
+@click.option("--bandwidth-mib", default=256, show_default=True, type=click.IntRange(16, None),
               help="Buffer size for the same-run memory bandwidth measurement (x4 on CUDA).")
 def kernels(out_dir, model, batches, units, impls, device, budget_s, threads, bandwidth_mib):
     from ..bench.kernels import BenchConfig, format_table, run_kernel_bench, write
