@@ -109,19 +109,33 @@ class Mamba2Mixer(nn.Module):
         z, xBC, dt = self._split_proj(self.in_proj(u))
         if cache is not None:                                      # last d_conv inputs of the conv
             xt = xBC.transpose(1, 2)                               # (b, conv_dim, L)
-            cache["conv"] = F.pad(xt, (c.d_conv - L, 0)) if L < c.d_conv else xt[..., -c.d_conv:].clone()
+            conv = F.pad(xt, (c.d_conv - L, 0)) if L < c.d_conv else xt[..., -c.d_conv:]
+            cache["conv"] = conv.contiguous().clone()              # updated in place by step()
         xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :L].transpose(1, 2))
         x, B, C = self._ssm_inputs(xBC)                            # (b,L,H,P), (b,L,G,N), (b,L,G,N)
         dt = F.softplus(dt.float() + self.dt_bias.float())         # (b, L, H)
         A = -torch.exp(self.A_log.float())                         # (H,)
         y, final = ssd_chunked(x, dt, A, B, C, c.chunk_size)
         if cache is not None:
-            cache["ssm"] = final.float()
+            cache["ssm"] = final.float().contiguous()
         y = (y.float() + self._skip(x)).flatten(-2).to(u.dtype)    # (b, L, d_inner)
         return self.out_proj(self.norm(y, z))
 
     def step(self, u: torch.Tensor, cache: dict) -> torch.Tensor:
-        """u (b, d_model) one token -> (b, d_model); updates cache["conv"], cache["ssm"] in place."""
+        """u (b, d_model) one token -> (b, d_model); updates cache["conv"], cache["ssm"] in place.
+
+        Runs the fused kernel chosen by dfplan.kernels (C++ on CPU, Triton on CUDA, or the
+        reference twin); step_reference below is the same maths in plain torch."""
+        from .kernels import mamba2_step
+        c = self.cfg
+        y = mamba2_step(self.in_proj(u), cache["conv"], cache["ssm"], self.conv1d.weight,
+                        self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
+                        self.norm.eps, c.ngroups, c.headdim, c.d_state,
+                        norm_before_gate=c.norm_before_gate)
+        return self.out_proj(y.to(u.dtype))
+
+    def step_reference(self, u: torch.Tensor, cache: dict) -> torch.Tensor:
+        """Plain-torch decode step (the ground truth for the fused kernels)."""
         z, xBC, dt = self._split_proj(self.in_proj(u))
         conv = cache["conv"]                                       # (b, conv_dim, d_conv)
         conv.copy_(torch.roll(conv, shifts=-1, dims=-1))

@@ -74,7 +74,7 @@ def test_step_ref_equals_the_model_mixer_step(tiny_cfg, overrides):
     captured = {}
     hook = mixer.out_proj.register_forward_hook(lambda mod, inp, out: captured.update(y=inp[0]))
     with torch.no_grad():
-        mixer.step(u, cache)
+        mixer.step_reference(u, cache)
         zxbcdt = mixer.in_proj(u)
         y = mamba2_step_ref(zxbcdt, mine["conv"], mine["ssm"], mixer.conv1d.weight,
                             mixer.conv1d.bias, mixer.dt_bias, mixer.A_log, mixer.D,
