@@ -141,9 +141,10 @@ def _distill(c: DemoConfig) -> None:
 
 
 def _distill_result(c: DemoConfig) -> str:
-    d = c.run / "student"
-    size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file()) if d.is_dir() else None
-    return f"packed folder {_fmt(size, ',')} bytes"
+    m = _read_json(c.run / "student" / "manifest.json")
+    e = _read_json(c.run / "student" / "eval.json")
+    return (f"packed payload {_fmt(m.get('payload_bytes'), ',')} bytes; valid ppl student "
+            f"{_fmt(e.get('student', {}).get('ppl'))} vs teacher {_fmt(e.get('teacher', {}).get('ppl'))}")
 
 
 def _eval(c: DemoConfig) -> None:
