@@ -98,7 +98,7 @@ def _row_err(x, q, s16, z) -> torch.Tensor:
 
 def _quantize_block(x: torch.Tensor, bits: int, symmetric: bool, clip: bool):
     scales = _scales_sym if symmetric else _scales_asym
-    ones = torch.ones(x.shape[0])
+    ones = torch.ones(x.shape[0], device=x.device)
     if clip:
         # only the winning ratio per row is kept, so each candidate costs one pass
         grid = _clip_grid(bits)
@@ -176,13 +176,13 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if 8 % bits == 0:                                                   # 2 and 4 bits: whole codes per byte
         per = 8 // bits
         c = torch.nn.functional.pad(c, (0, nbytes * per - n)).view(rows, nbytes, per)
-        shifts = torch.arange(per, dtype=torch.int32) * bits
+        shifts = torch.arange(per, dtype=torch.int32, device=c.device) * bits
         return (c << shifts).sum(-1, dtype=torch.int32).to(torch.uint8)
-    out = torch.empty(rows, nbytes, dtype=torch.uint8)
-    weights = 1 << torch.arange(8, dtype=torch.int32)
+    out = torch.empty(rows, nbytes, dtype=torch.uint8, device=c.device)
+    weights = 1 << torch.arange(8, dtype=torch.int32, device=c.device)
     for i in range(0, rows, _ROW_CHUNK):
         blk = c[i:i + _ROW_CHUNK]
-        b = (blk.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int32)) & 1     # (r, n, bits)
+        b = (blk.unsqueeze(-1) >> torch.arange(bits, dtype=torch.int32, device=c.device)) & 1     # (r, n, bits)
         b = torch.nn.functional.pad(b.reshape(blk.shape[0], -1), (0, nbytes * 8 - n * bits))
         out[i:i + _ROW_CHUNK] = (b.view(blk.shape[0], nbytes, 8) * weights).sum(-1, dtype=torch.int32).to(torch.uint8)
     return out
@@ -198,13 +198,13 @@ def unpack_codes(packed: torch.Tensor, n: int, bits: int) -> torch.Tensor:
         return p
     if 8 % bits == 0:
         per = 8 // bits
-        shifts = torch.arange(per, dtype=torch.int16) * bits
+        shifts = torch.arange(per, dtype=torch.int16, device=p.device) * bits
         return ((p.unsqueeze(-1) >> shifts) & (2 ** bits - 1)).reshape(rows, -1)[:, :n]
-    out = torch.empty(rows, n, dtype=torch.int16)
-    weights = 1 << torch.arange(bits, dtype=torch.int16)
+    out = torch.empty(rows, n, dtype=torch.int16, device=p.device)
+    weights = 1 << torch.arange(bits, dtype=torch.int16, device=p.device)
     for i in range(0, rows, _ROW_CHUNK):
         blk = p[i:i + _ROW_CHUNK]
-        b = ((blk.unsqueeze(-1) >> torch.arange(8, dtype=torch.int16)) & 1).reshape(blk.shape[0], -1)
+        b = ((blk.unsqueeze(-1) >> torch.arange(8, dtype=torch.int16, device=p.device)) & 1).reshape(blk.shape[0], -1)
         b = b[:, :n * bits].reshape(blk.shape[0], n, bits)
         out[i:i + _ROW_CHUNK] = (b * weights).sum(-1, dtype=torch.int16)
     return out
@@ -265,8 +265,8 @@ def lowrank_factors(residual: torch.Tensor, rank: int, init: str = "svd",
         raise DfplanError(f"rank {rank} must be in 1..min(out, in) = {min(out_f, in_f)}")
     r = residual.detach().float()
     if init == "zero":
-        v = torch.randn(rank, in_f, generator=generator) / in_f ** 0.5
-        return torch.zeros(out_f, rank), v
+        v = (torch.randn(rank, in_f, generator=generator) / in_f ** 0.5).to(r.device)
+        return torch.zeros(out_f, rank, device=r.device), v
     if init != "svd":
         raise DfplanError(f"low-rank init {init!r} is not one of svd, zero")
     # top-r right singular vectors from the small Gram matrix: exact for the leading
