@@ -21,7 +21,8 @@ import torch.nn.functional as F
 
 from .attention import MHA, GatedMLP
 from .config import Mamba2Config
-from .ssd import ssd_chunked, ssd_step
+from .kernels import mamba2_step
+from .ssd import ssd_chunked
 
 
 class Embedding(nn.Module):
@@ -124,31 +125,14 @@ class Mamba2Mixer(nn.Module):
     def step(self, u: torch.Tensor, cache: dict) -> torch.Tensor:
         """u (b, d_model) one token -> (b, d_model); updates cache["conv"], cache["ssm"] in place.
 
-        Runs the fused kernel chosen by dfplan.kernels (C++ on CPU, Triton on CUDA, or the
-        reference twin); step_reference below is the same maths in plain torch."""
-        from .kernels import mamba2_step
+        Runs the fused kernel chosen by dfplan.kernels (C++ on CPU, Triton on CUDA); its
+        plain-torch twin is dfplan.kernels.ref.mamba2_step_ref."""
         c = self.cfg
         y = mamba2_step(self.in_proj(u), cache["conv"], cache["ssm"], self.conv1d.weight,
                         self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
                         self.norm.eps, c.ngroups, c.headdim, c.d_state,
                         norm_before_gate=c.norm_before_gate)
         return self.out_proj(y.to(u.dtype))
-
-    def step_reference(self, u: torch.Tensor, cache: dict) -> torch.Tensor:
-        """Plain-torch decode step (the ground truth for the fused kernels)."""
-        z, xBC, dt = self._split_proj(self.in_proj(u))
-        conv = cache["conv"]                                       # (b, conv_dim, d_conv)
-        conv.copy_(torch.roll(conv, shifts=-1, dims=-1))
-        conv[..., -1] = xBC
-        xBC = (conv * self.conv1d.weight[:, 0, :]).sum(-1)
-        if self.conv1d.bias is not None:
-            xBC = xBC + self.conv1d.bias
-        x, B, C = self._ssm_inputs(F.silu(xBC))                    # (b,H,P), (b,G,N), (b,G,N)
-        dt = F.softplus(dt.float() + self.dt_bias.float())         # (b, H)
-        A = -torch.exp(self.A_log.float())
-        y = ssd_step(cache["ssm"], x, dt, A, B, C)                 # (b, H, P) fp32
-        y = (y + self._skip(x)).flatten(-2).to(u.dtype)
-        return self.out_proj(self.norm(y, z))
 
 
 class Block(nn.Module):
