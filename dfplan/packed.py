@@ -19,7 +19,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import subprocess
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from .formats.apply import compressed_modules, prepare_empty
 from .formats.size import layout_bytes, packed_layout
 from .formats.specs import Keep
 from .formats.units import compressible_units
+from .provenance import git_commit
 
 PACKED_FORMAT = "dfplan-packed"
 PACKED_VERSION = 1
@@ -45,15 +45,6 @@ def _versions() -> dict:
     import dfplan
     return {"dfplan": dfplan.__version__, "torch": torch.__version__,
             "safetensors": safetensors.__version__, "python": platform.python_version()}
-
-
-def _git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
-                           text=True, timeout=5)
-        return r.stdout.strip() or None if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 def _compressed_keys(cfg: Mamba2Config, resolved: dict) -> set[str]:
@@ -142,7 +133,7 @@ def save_packed(model: nn.Module, plan=None, out_dir: str | os.PathLike | None =
         "files": {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in files},
         "payload_bytes": payload, "n_tensors": len(tensors), "plan_hash": plan.hash(),
         "compute_dtype": str(_float_dtype(model)).removeprefix("torch."),
-        "model": cfg.name, "versions": _versions(), "git_commit": _git_commit(),
+        "model": cfg.name, "versions": _versions(), "git_commit": git_commit(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **({"extra": extra} if extra else {}),
     }

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import DfplanError
+from ..provenance import git_commit
 from .budget import format_bytes, parse_bytes
 from .milp import pareto_front, solve
 from .optuna_search import SAMPLERS, _redact, run_search
@@ -143,16 +144,6 @@ def _validate_plans(space, sur, evaluator, chosen, front, uniforms, k: int, say)
     return rows
 
 
-def _git_commit() -> str | None:
-    import subprocess
-    root = Path(__file__).resolve().parent.parent
-    try:
-        r = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return r.stdout.strip() or None
-
-
 def _versions() -> dict:
     from importlib import metadata
     out = {}
@@ -266,7 +257,7 @@ def search(o: SearchOptions, say=print) -> Plan:
         "space": {"units": len(space.units), "choices": sum(len(u.specs) for u in space.units),
                   "fixed_bytes": space.fixed_bytes, "min_bytes": space.min_bytes, "max_bytes": space.max_bytes},
         "uniform": [{"name": u.name, "bytes": u.total_bytes, "predicted_kl": u.predicted_kl} for u in uniforms],
-        "git_commit": _git_commit(), "versions": _versions(), "seed": o.seed,
+        "git_commit": git_commit(), "versions": _versions(), "seed": o.seed,
         "wall_s": round(time.perf_counter() - t0, 3),
     }
     plan = space.to_plan(chosen, budget_bytes=budget, predicted_kl=float(sur.predict(chosen)),

@@ -4,12 +4,12 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
+
+from ..provenance import git_commit as _git_commit
 
 
 def model_fingerprint(model) -> str:
@@ -32,17 +32,7 @@ def windows_hash(windows) -> str:
 
 
 def git_commit() -> str | None:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,
-                             timeout=10)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                           capture_output=True, text=True, timeout=10)
-    return out.stdout.strip() + ("+dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
+    return _git_commit(mark_dirty=True)
 
 
 def versions() -> dict:
