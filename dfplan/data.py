@@ -162,6 +162,13 @@ def split_windows(n_tokens: int, seq_len: int, valid_fraction: float = 0.05, see
     return WindowSplit(seq_len, starts[~is_valid], starts[is_valid])
 
 
+def evenly_spaced(starts: np.ndarray, n: int) -> np.ndarray:
+    """At most n of `starts`, evenly spaced (first and last kept): a deterministic subset."""
+    if len(starts) <= n:
+        return starts
+    return starts[np.linspace(0, len(starts) - 1, n).round().astype(np.int64)]
+
+
 def gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
     """Windows tokens[s : s + length] for every start -> (N, length) int64."""
     idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length, dtype=np.int64)

@@ -74,11 +74,11 @@ def kl_to_teacher(teacher, student, windows, batch_size: int = 8, vocab_size: in
 def heldout_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
     """Non-overlapping (N, seq_len + 1) windows over a held-out stream, evenly spaced when
     capped, so the same corpus always gives the same windows."""
-    from .data import gather, require_tokens, window_starts
+    from .data import evenly_spaced, gather, require_tokens, window_starts
     require_tokens(len(tokens), seq_len + 1, f"one evaluation window of {seq_len} tokens")
     starts = window_starts(len(tokens), seq_len)
-    if max_windows is not None and len(starts) > max_windows:
-        starts = starts[np.linspace(0, len(starts) - 1, max_windows).round().astype(np.int64)]
+    if max_windows is not None:
+        starts = evenly_spaced(starts, max_windows)
     return gather(tokens, starts, seq_len + 1)
 
 

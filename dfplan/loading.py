@@ -62,7 +62,7 @@ def config_to_hf(cfg: Mamba2Config) -> dict:
     return d
 
 
-def _resolve_dir(model_arg: str) -> Path:
+def resolve_model_dir(model_arg: str) -> Path:
     p = Path(model_arg).expanduser()
     if p.exists():
         if not p.is_dir():
@@ -82,7 +82,7 @@ def load_config(model_arg: str) -> Mamba2Config:
     """Config for preset:NAME, a local checkpoint directory or a hub id."""
     if model_arg.startswith("preset:"):
         return Mamba2Config.preset(model_arg)
-    d = _resolve_dir(model_arg)
+    d = resolve_model_dir(model_arg)
     path = d / "config.json"
     if not path.exists():
         raise DfplanError(f"{d} has no config.json; is it a Mamba-2 checkpoint directory?")
@@ -151,7 +151,7 @@ def load_model(model_arg: str, random_init: bool = False, dtype: torch.dtype | N
         return model.eval(), None
     if model_arg.startswith("preset:"):
         raise DfplanError(f"{model_arg} has no weights; add --random-init for size/latency work")
-    d = _resolve_dir(model_arg)
+    d = resolve_model_dir(model_arg)
     sd = normalize_keys(read_state_dict(d), cfg)
     model = build_model(cfg, device="meta")
     check_keys(model, sd, str(d))

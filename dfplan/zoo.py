@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from .config import Mamba2Config
 from .corpus import resolve_corpus, read_texts
-from .data import EpochSampler, gather, load_tokens, split_windows, unigram_ppl
+from .data import EpochSampler, evenly_spaced, gather, load_tokens, split_windows, unigram_ppl
 from .errors import DfplanError
 from .fileio import atomic_path, write_json_atomic, write_text_atomic
 from .tokenizer import (TOKENIZER_FILE, check_vocab, fingerprint, load_tokenizer,
@@ -154,12 +154,6 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
-def _valid_subset(starts: np.ndarray, n: int) -> np.ndarray:
-    if len(starts) <= n:
-        return starts
-    return starts[np.linspace(0, len(starts) - 1, n).round().astype(np.int64)]
-
-
 def train_teacher(tc: TrainConfig, say: Callable[[str], None] = print, progress: bool | None = None,
                   on_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume, or find finished) a teacher; returns the zoo.json metadata.
@@ -225,7 +219,7 @@ def train_teacher(tc: TrainConfig, say: Callable[[str], None] = print, progress:
                         **state}, tmp)
 
     def validate(n_windows: int) -> float:
-        starts = _valid_subset(valid_starts, n_windows)
+        starts = evenly_spaced(valid_starts, n_windows)
         ppl = perplexity(model, gather(prep.tokens, starts, L + 1), tc.batch_size, vocab_size=V).ppl
         model.train()
         return ppl
@@ -283,7 +277,7 @@ def train_teacher(tc: TrainConfig, say: Callable[[str], None] = print, progress:
     bar.close()
 
     # final numbers on (up to) final_eval_windows validation windows
-    starts = _valid_subset(valid_starts, tc.final_eval_windows)
+    starts = evenly_spaced(valid_starts, tc.final_eval_windows)
     val_ppl = validate(tc.final_eval_windows)
     valid_targets = gather(prep.tokens, starts, L + 1)[:, 1:]
     train_tokens = gather(prep.tokens, train_starts, L + 1)[:, 1:]

@@ -128,9 +128,9 @@ class _Inputs:
 
 def prepare(job: DistillJob, say: Callable[[str], None]) -> _Inputs:
     """Load and check everything; raises DfplanError without writing anything."""
-    from ..data import gather, load_tokens, split_windows
+    from ..data import evenly_spaced, gather, load_tokens, split_windows
     from ..evaluate import heldout_windows
-    from ..loading import _resolve_dir, load_model
+    from ..loading import load_model, resolve_model_dir
 
     cfg_d = job.config
     cfg_d.schedule()                                      # token budget, fractions
@@ -152,12 +152,11 @@ def prepare(job: DistillJob, say: Callable[[str], None]) -> _Inputs:
         windows = heldout_windows(es.tokens, L_eval, job.eval_windows)
         source = {"corpus": list(job.eval_corpus), "files": len(es.files), "split": "all"}
     else:
-        from ..zoo import _valid_subset
         if job.eval_seq_len and job.eval_seq_len != cfg_d.seq_len:
             raise DfplanError("--eval-seq-len needs --eval-corpus (the valid split has --seq-len windows)")
-        windows = gather(stream.tokens, _valid_subset(split.valid, job.eval_windows), cfg_d.seq_len + 1)
+        windows = gather(stream.tokens, evenly_spaced(split.valid, job.eval_windows), cfg_d.seq_len + 1)
         source = {"corpus": list(job.corpus), "files": len(stream.files), "split": "valid"}
-    tdir = _resolve_dir(job.teacher)
+    tdir = resolve_model_dir(job.teacher)
     weights = [f for f in ("model.safetensors", "pytorch_model.bin") if (tdir / f).exists()]
     ident = {"teacher": str(tdir.resolve()), "teacher_bytes": [(tdir / f).stat().st_size for f in weights],
              "corpus": stream.key, **job.extra_identity}

@@ -43,6 +43,7 @@ class _Compressed(nn.Module):
                  compute_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.spec = spec
+        self._check_spec_kind()
         self.out_features, self.in_features = int(shape[0]), int(shape[1])
         self.compute_dtype = compute_dtype
         for t in spec.payload(shape):
@@ -66,7 +67,6 @@ class _Compressed(nn.Module):
             setattr(m, name, t.to(weight.device))
         if bias is not None:
             m.bias = bias.detach().to(dtype).clone()
-        m._check_spec_kind()
         return m
 
     def payload(self) -> dict[str, torch.Tensor]:
@@ -81,7 +81,7 @@ class _Compressed(nn.Module):
         return f"{self.in_features} -> {self.out_features}, {self.spec}, bias={self.bias is not None}"
 
     def _check_spec_kind(self):
-        pass
+        """Raise DfplanError when self.spec is not a format this class implements."""
 
 
 class BinaryLinear(_Compressed):
@@ -94,7 +94,6 @@ class BinaryLinear(_Compressed):
     def __init__(self, spec: Binary, shape, bias: bool = False, device=None,
                  compute_dtype: torch.dtype = torch.float32):
         super().__init__(spec, shape, bias, device, compute_dtype)
-        self._check_spec_kind()
         self._uv8 = None        # unpacked int8 U, V when rank_bits < 8 (kernels take int8)
 
     def _correction_int8(self):
@@ -137,11 +136,6 @@ class IntNLinear(_Compressed):
         if not isinstance(self.spec, IntN):
             raise DfplanError(f"IntNLinear needs an intN spec, got {self.spec}")
 
-    def __init__(self, spec: IntN, shape, bias: bool = False, device=None,
-                 compute_dtype: torch.dtype = torch.float32):
-        super().__init__(spec, shape, bias, device, compute_dtype)
-        self._check_spec_kind()
-
     @property
     def is_int8_rowwise(self) -> bool:
         s = self.spec
@@ -170,7 +164,6 @@ class IntNEmbedding(_Compressed):
         if bias:
             raise DfplanError("an embedding has no bias")
         super().__init__(spec, shape, False, device, compute_dtype)
-        self._check_spec_kind()
 
     @property
     def weight_shape(self) -> tuple[int, int]:
