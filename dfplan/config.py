@@ -13,10 +13,10 @@ from pathlib import Path
 
 from .errors import DfplanError
 
-# Fields of mamba_ssm's Mamba2 mixer that we model (others are rejected if non-default).
+# Fields of mamba_ssm's Mamba2 mixer (its ssm_cfg) that this config flattens.
 _SSM_KEYS = ("d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size", "conv_bias",
-             "bias", "rmsnorm", "norm_before_gate", "D_has_hdim", "dt_min", "dt_max",
-             "dt_init_floor", "dt_limit", "A_init_range", "layer", "d_ssm")
+             "bias", "norm_before_gate", "D_has_hdim", "dt_min", "dt_max", "dt_init_floor",
+             "A_init_range")
 
 
 @dataclass(frozen=True)
@@ -123,7 +123,9 @@ class Mamba2Config:
         layer = ssm.pop("layer", "Mamba2")
         if layer != "Mamba2":
             raise DfplanError(f"ssm_cfg.layer={layer!r}: only Mamba2 mixers are supported")
-        if ssm.pop("d_ssm", None) not in (None,):
+        if not ssm.pop("rmsnorm", True):
+            raise DfplanError("ssm_cfg.rmsnorm=False (ungated output norm) is not supported")
+        if ssm.pop("d_ssm", None) is not None:
             raise DfplanError("ssm_cfg.d_ssm (partial SSM width) is not supported")
         dt_limit = ssm.pop("dt_limit", None)
         if dt_limit is not None and (float(dt_limit[0]) != 0.0 or float(dt_limit[1]) != float("inf")):
@@ -155,9 +157,8 @@ class Mamba2Config:
 
     def to_mamba_ssm_dict(self) -> dict:
         """The config.json mamba_ssm writes (ssm_cfg nested)."""
-        ssm = {k: getattr(self, k) for k in _SSM_KEYS if hasattr(self, k) and k not in ("layer", "d_ssm", "dt_limit")}
-        ssm["A_init_range"] = list(self.A_init_range)
-        ssm["layer"] = "Mamba2"
+        ssm = {k: getattr(self, k) for k in _SSM_KEYS}
+        ssm.update(A_init_range=list(self.A_init_range), layer="Mamba2")
         return {
             "d_model": self.d_model, "d_intermediate": self.d_intermediate, "n_layer": self.n_layer,
             "vocab_size": self.vocab_size, "ssm_cfg": ssm, "attn_layer_idx": list(self.attn_layer_idx),
