@@ -199,10 +199,16 @@ def _impl(name: str):
     if f is None:
         if name.endswith("_cpu"):
             from . import cpu as mod
+        elif name == "mamba2_step_triton":
+            from . import triton_step as mod
         else:
             from . import triton_linear as mod
         f = _fast[name] = getattr(mod, name)
     return f
+
+
+def _contig(t):
+    return None if t is None else t.contiguous()
 
 
 # --- entry points ---------------------------------------------------------------------------
@@ -317,14 +323,13 @@ def mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, 
     be = select_backend(zxbcdt, backend)
     if be == "cpu" and all(t is None or t.dtype == torch.float32 for t in (
             zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)):
-        from .cpu import mamba2_step_cpu
-        c = lambda t: None if t is None else t.contiguous()  # noqa: E731  (params: no-ops)
-        return mamba2_step_cpu(c(zxbcdt), conv_state, ssm_state, c(conv_weight), c(conv_bias),
-                               c(dt_bias), c(A_log), c(D), c(norm_weight), eps, ngroups, headdim,
-                               d_state, norm_before_gate=norm_before_gate)
+        # .contiguous() returns self (no copy) for the usual contiguous params
+        return _impl("mamba2_step_cpu")(
+            zxbcdt.contiguous(), conv_state, ssm_state, _contig(conv_weight), _contig(conv_bias),
+            _contig(dt_bias), _contig(A_log), _contig(D), _contig(norm_weight), eps, ngroups,
+            headdim, d_state, norm_before_gate=norm_before_gate)
     if be == "triton":
-        from .triton_step import mamba2_step_triton
         if zxbcdt.stride(-1) != 1:
             zxbcdt = zxbcdt.contiguous()
-        return mamba2_step_triton(zxbcdt, *args[1:], norm_before_gate=norm_before_gate)
+        return _impl("mamba2_step_triton")(zxbcdt, *args[1:], norm_before_gate=norm_before_gate)
     return ref.mamba2_step_ref(*args, norm_before_gate=norm_before_gate)
