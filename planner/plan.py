@@ -170,15 +170,3 @@ def _check_unit(u: Unit, spec: Spec) -> None:
         raise DfplanError(f"{u.name} ({u.kind}) cannot take {spec}: the embedding / lm_head "
                           f"take fp32/bf16/fp16 or row-wise int8/int4/int3/int2 only")
 
-
-def resolve_bytes(cfg: Mamba2Config, resolved: dict[str, Spec]) -> int:
-    """Sum of unit bytes for an already-resolved mapping (fast path for the planner)."""
-    units = {u.name: u for u in compressible_units(cfg)}
-    return sum(spec.nbytes(units[n].shape) for n, spec in resolved.items())
-
-
-def uniform_plan(cfg: Mamba2Config, spec: Spec, kinds=("in_proj", "out_proj"), **kw) -> Plan:
-    """Every unit of the given kinds gets `spec` (explicit names, so plan.json reads plainly)."""
-    specs = {u.name: spec for u in compressible_units(cfg) if u.kind in kinds}
-    return Plan(specs=specs, model=model_signature(cfg), **kw)
-

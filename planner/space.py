@@ -10,7 +10,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-import numpy as np
 
 from ..config import Mamba2Config
 from ..errors import DfplanError
@@ -140,8 +139,3 @@ def build_space(cfg: Mamba2Config, candidates: Iterable[Spec] | Mapping[str, Ite
     total = plan_bytes(cfg, probe).total_bytes
     fixed = total - sum(s.nbytes[0] for s in spaces)
     return SearchSpace(cfg, tuple(spaces), int(fixed), default)
-
-
-def bytes_matrix(space: SearchSpace) -> list[np.ndarray]:
-    """Per unit, an int64 array of candidate bytes (the MILP's cost rows)."""
-    return [np.asarray(u.nbytes, dtype=np.int64) for u in space.units]
