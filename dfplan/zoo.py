@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from .config import Mamba2Config
 from .corpus import resolve_corpus, read_texts
 from .data import EpochSampler, evenly_spaced, gather, load_tokens, split_windows, unigram_ppl
 from .errors import DfplanError
+from .provenance import git_commit
 from .fileio import atomic_path, write_json_atomic, write_text_atomic
 from .tokenizer import (TOKENIZER_FILE, check_vocab, fingerprint, load_tokenizer,
                         save_tokenizer, train_bpe, vocab_size_of)
@@ -101,15 +101,6 @@ def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
         return (step + 1) / warmup
     t = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
-
-
-def git_commit() -> str | None:
-    try:
-        r = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent,
-                           capture_output=True, text=True, timeout=5)
-        return (r.stdout.strip() or None) if r.returncode == 0 else None
-    except (OSError, subprocess.SubprocessError):
-        return None
 
 
 @dataclass

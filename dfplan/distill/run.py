@@ -212,7 +212,7 @@ def run_distill(job: DistillJob, say: Callable[[str], None] = print, progress: b
     """Train, export, verify, evaluate. Returns eval.json's content on rank 0 (None elsewhere,
     or when stop_after interrupted the run)."""
     from ..formats.size import plan_bytes
-    from ..zoo import git_commit
+    from ..provenance import git_commit
     from .export import export_student
 
     if job.threads:
