@@ -104,20 +104,35 @@ class Mamba2Mixer(nn.Module):
         return x.float() * (D.view(self.cfg.nheads, self.cfg.headdim) if self.cfg.D_has_hdim else D[:, None])
 
     def forward(self, u: torch.Tensor, cache: dict | None = None) -> torch.Tensor:
-        """u (b, L, d_model) -> (b, L, d_model); fills cache["conv"], cache["ssm"] if given."""
+        """u (b, L, d_model) -> (b, L, d_model); fills cache["conv"], cache["ssm"] if given.
+
+        A cache that already holds "conv" and "ssm" (from new_cache() or an earlier call) is
+        continued: u follows the tokens it has seen, and the state tensors are updated in place.
+        That is how long prompts are prefilled chunk by chunk in bounded memory."""
         c = self.cfg
         b, L, _ = u.shape
         z, xBC, dt = self._split_proj(self.in_proj(u))
-        if cache is not None:                                      # last d_conv inputs of the conv
-            xt = xBC.transpose(1, 2)                               # (b, conv_dim, L)
-            conv = F.pad(xt, (c.d_conv - L, 0)) if L < c.d_conv else xt[..., -c.d_conv:]
-            cache["conv"] = conv.contiguous().clone()              # updated in place by step()
-        xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :L].transpose(1, 2))
+        resume = cache is not None and "ssm" in cache              # continue a chunked prefill
+        if resume:
+            # the window holds the last d_conv conv inputs; its last d_conv - 1 precede u[:, 0]
+            xt = torch.cat([cache["conv"][..., 1:].to(xBC.dtype), xBC.transpose(1, 2)], dim=-1)
+            cache["conv"].copy_(xt[..., -c.d_conv:])               # (b, conv_dim, d_conv), in place
+            xBC = F.conv1d(xt, self.conv1d.weight, self.conv1d.bias, groups=c.conv_dim)
+            xBC = F.silu(xBC.transpose(1, 2))                      # (b, L, conv_dim)
+        else:
+            if cache is not None:                                  # last d_conv inputs of the conv
+                xt = xBC.transpose(1, 2)                           # (b, conv_dim, L)
+                conv = F.pad(xt, (c.d_conv - L, 0)) if L < c.d_conv else xt[..., -c.d_conv:]
+                cache["conv"] = conv.contiguous().clone()          # updated in place by step()
+            xBC = F.silu(self.conv1d(xBC.transpose(1, 2))[..., :L].transpose(1, 2))
         x, B, C = self._ssm_inputs(xBC)                            # (b,L,H,P), (b,L,G,N), (b,L,G,N)
         dt = F.softplus(dt.float() + self.dt_bias.float())         # (b, L, H)
         A = -torch.exp(self.A_log.float())                         # (H,)
-        y, final = ssd_chunked(x, dt, A, B, C, c.chunk_size)
-        if cache is not None:
+        y, final = ssd_chunked(x, dt, A, B, C, c.chunk_size,
+                               initial_state=cache["ssm"] if resume else None)
+        if resume:
+            cache["ssm"].copy_(final)                              # keeps the state's dtype
+        elif cache is not None:
             cache["ssm"] = final.float().contiguous()
         y = (y.float() + self._skip(x)).flatten(-2).to(u.dtype)    # (b, L, d_inner)
         return self.out_proj(self.norm(y, z))
@@ -215,6 +230,17 @@ class Mamba2LM(nn.Module):
         h = self.backbone.norm_f(residual.to(self.backbone.norm_f.weight.dtype))
         return self.backbone.embedding.attend(h) if self.lm_head is None else self.lm_head(h)
 
+    def residual_stream(self, ids: torch.Tensor):
+        """Yield the residual stream (b, L, d) after the embedding, then after each block.
+
+        These are the calls forward() makes, so numerics are unchanged; head(state, None) on
+        a yielded state is the logit lens at that depth, and on the last one it is forward()."""
+        hidden, residual = self.embed(ids), None
+        yield hidden
+        for i in range(self.config.n_layer):
+            hidden, residual = self.run_blocks(hidden, residual, i, i + 1)
+            yield hidden.to(residual.dtype) + residual
+
     # full passes ----------------------------------------------------------------------
     def forward(self, ids: torch.Tensor, return_cache: bool = False):
         """ids (b, L) -> logits (b, L, vocab_padded) [, InferenceCache ready for step()]."""
@@ -225,7 +251,9 @@ class Mamba2LM(nn.Module):
             return logits, InferenceCache(seqlen=ids.shape[1], layers=caches)
         return logits
 
-    def new_cache(self, batch_size: int, dtype=None, device=None) -> InferenceCache:
+    def new_cache(self, batch_size: int, dtype=None, device=None,
+                  state_dtype: torch.dtype = torch.float32) -> InferenceCache:
+        """Zero decode state; state_dtype is the SSM state's precision (fp32 default)."""
         c = self.config
         p = self.backbone.norm_f.weight
         dtype, device = dtype or p.dtype, device or p.device
@@ -236,7 +264,7 @@ class Mamba2LM(nn.Module):
             else:
                 layers.append({"conv": torch.zeros(batch_size, c.conv_dim, c.d_conv, dtype=dtype, device=device),
                                "ssm": torch.zeros(batch_size, c.nheads, c.headdim, c.d_state,
-                                                  dtype=torch.float32, device=device)})
+                                                  dtype=state_dtype, device=device)})
         return InferenceCache(0, layers)
 
     @torch.no_grad()
