@@ -58,10 +58,17 @@ def cli():
     """dfplan: sensitivity-guided 1-bit + low-rank compression of Mamba-2 models."""
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """DfplanError, plus the kernels' own KernelError once the kernels are loaded (a kernel error
+    cannot happen before; checking sys.modules keeps the CLI from importing torch to parse)."""
+    kernels = sys.modules.get("dfplan.kernels.errors")
+    return (DfplanError, kernels.KernelError) if kernels else (DfplanError,)
+
+
 def main(argv=None) -> int:
     try:
         cli.main(args=argv, standalone_mode=False)
-    except DfplanError as e:
+    except _user_errors() as e:
         click.echo(f"error: {e}", err=True)
         return 2
     except click.exceptions.Abort:

@@ -4,7 +4,7 @@ A packed directory holds
   model.safetensors  every payload tensor (specs.py layouts) + fixed tensors in the plan's
                      default dtype; keys are the model's state_dict keys;
   config.json        {"format": "dfplan-packed", "name": ..., "dfplan_config": mamba_ssm config};
-  plan.json          the Plan (planner/plan.py schema);
+  plan.json          the Plan (formats/plan.py schema);
   tokenizer.json     optional;
   manifest.json      written last: sha256 + size of every file above, payload bytes, plan hash,
                      compute dtype, versions, git commit.
@@ -28,6 +28,7 @@ from .config import Mamba2Config
 from .errors import DfplanError
 from .fileio import atomic_path, sha256_file, write_json_atomic
 from .formats.apply import compressed_modules, prepare_empty
+from .formats.plan import Plan
 from .formats.size import layout_bytes, packed_layout
 from .formats.specs import Keep
 from .formats.units import compressible_units
@@ -201,7 +202,6 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     from safetensors.torch import load_file
 
     from .model import build_model
-    from .planner.plan import Plan
 
     d = Path(path)
     m = verify_packed(d) if verify else read_manifest(d)

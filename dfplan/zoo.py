@@ -11,7 +11,6 @@ A run writes into one folder:
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 import time
@@ -30,6 +29,7 @@ from .data import EpochSampler, evenly_spaced, gather, load_tokens, split_window
 from .errors import DfplanError
 from .provenance import git_commit
 from .fileio import atomic_path, write_json_atomic, write_text_atomic
+from .lr import lr_factor
 from .tokenizer import (TOKENIZER_FILE, check_vocab, fingerprint, load_tokenizer,
                         save_tokenizer, train_bpe, vocab_size_of)
 
@@ -93,14 +93,6 @@ class TrainConfig:
         d["corpus"] = tuple(str(c) for c in d["corpus"])
         d["out"] = str(d["out"])
         return TrainConfig(**d)
-
-
-def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to min_ratio at `total`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    t = min(1.0, (step - warmup) / max(1, total - warmup))
-    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * t))
 
 
 @dataclass

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from dfplan.errors import DfplanError
+from .errors import KernelError
 
 from . import ref
 from .packing import packed_cols
@@ -28,7 +28,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 def kernel_mode() -> str:
     mode = os.environ.get("DFPLAN_KERNELS", "auto").strip().lower() or "auto"
     if mode not in MODES:
-        raise DfplanError(f"DFPLAN_KERNELS={mode!r} is not one of {', '.join(MODES)}")
+        raise KernelError(f"DFPLAN_KERNELS={mode!r} is not one of {', '.join(MODES)}")
     return mode
 
 
@@ -59,21 +59,21 @@ def select_backend(x: torch.Tensor, backend: str | None = None) -> str:
 
 def _select(dev: torch.device, mode: str) -> str:
     if mode not in MODES:
-        raise DfplanError(f"kernel backend / DFPLAN_KERNELS={mode!r} is not one of {', '.join(MODES)}")
+        raise KernelError(f"kernel backend / DFPLAN_KERNELS={mode!r} is not one of {', '.join(MODES)}")
     if mode == "ref":
         return "ref"
     if mode == "cpu":
         if dev.type != "cpu":
-            raise DfplanError(f"CPU kernels were requested but the tensors are on {dev}; "
+            raise KernelError(f"CPU kernels were requested but the tensors are on {dev}; "
                               "unset DFPLAN_KERNELS or move the model to the CPU")
         from . import cpu
         if not cpu.available():
-            raise DfplanError(f"CPU kernels were requested but could not be built "
+            raise KernelError(f"CPU kernels were requested but could not be built "
                               f"({cpu.build_error()}); install a C++ compiler or unset DFPLAN_KERNELS")
         return "cpu"
     if mode == "triton":
         if not _triton_usable(dev):
-            raise DfplanError(f"Triton kernels were requested for tensors on {dev}; they need a "
+            raise KernelError(f"Triton kernels were requested for tensors on {dev}; they need a "
                               "CUDA device and an importable triton (or TRITON_INTERPRET=1)")
         return "triton"
     # auto
@@ -88,7 +88,7 @@ def _select(dev: torch.device, mode: str) -> str:
 # --- validation ---------------------------------------------------------------------------
 
 def _fail(fn: str, msg: str):
-    raise DfplanError(f"{fn}: {msg}")
+    raise KernelError(f"{fn}: {msg}")
 
 
 def _check_vec(fn, name, t, n, device):
@@ -274,14 +274,14 @@ def int8_linear(x, qweight, scale, bias=None, *, backend: str | None = None):
 def int8_embedding(ids, qweight, scale, dtype=torch.float32):
     """ids (...) int64 -> (..., d): rows of qweight * scale[:, None] (gather, then scale)."""
     if ids.dtype not in (torch.int64, torch.int32):
-        raise DfplanError(f"int8_embedding: ids must be int64/int32, got {ids.dtype}")
+        raise KernelError(f"int8_embedding: ids must be int64/int32, got {ids.dtype}")
     if qweight.dtype != torch.int8 or qweight.dim() != 2:
-        raise DfplanError("int8_embedding: qweight must be a 2-D int8 tensor (vocab, d)")
+        raise KernelError("int8_embedding: qweight must be a 2-D int8 tensor (vocab, d)")
     flat = ids.reshape(-1)
     # CPU only: on CUDA the check would synchronise (and break graph capture).
     if flat.device.type == "cpu" and flat.numel() and \
             (int(flat.min()) < 0 or int(flat.max()) >= qweight.shape[0]):
-        raise DfplanError(f"int8_embedding: token ids must lie in [0, {qweight.shape[0]})")
+        raise KernelError(f"int8_embedding: token ids must lie in [0, {qweight.shape[0]})")
     rows = qweight.index_select(0, flat).to(dtype)
     return (rows * scale.index_select(0, flat).to(dtype)[:, None]).reshape(*ids.shape, -1)
 

@@ -18,7 +18,7 @@ import json
 import time
 from pathlib import Path
 
-from ..fileio import write_json_atomic, write_text_atomic
+from dfplan.fileio import write_json_atomic, write_text_atomic
 
 
 def run_benchmark(model: str, sensitivity: str, corpus: list[str], out: str, trials: int = 200,
@@ -26,7 +26,7 @@ def run_benchmark(model: str, sensitivity: str, corpus: list[str], out: str, tri
                   say=print) -> dict:
     from tabulate import tabulate
 
-    from ..loading import load_config
+    from dfplan.loading import load_config
     from .milp import pareto_front, solve
     from .optuna_search import run_search
     from .run import SearchOptions, _measured_evaluator

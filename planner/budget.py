@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-from ..errors import DfplanError
+from dfplan.errors import DfplanError
 
 _UNITS = {
     "": 1, "b": 1,

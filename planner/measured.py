@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..errors import DfplanError
+from dfplan.errors import DfplanError
 from .space import SearchSpace
 
 VALID_FRACTION = 0.1
@@ -26,7 +26,7 @@ VALID_FRACTION = 0.1
 
 def heldout_windows(tokens: np.ndarray, seq_len: int, n_max: int, seed: int = 0) -> np.ndarray:
     """Up to n_max valid windows (evenly spaced over the valid split) -> (n, seq_len + 1) int64."""
-    from ..data import gather, split_windows
+    from dfplan.data import gather, split_windows
 
     split = split_windows(len(tokens), seq_len, VALID_FRACTION, seed)
     starts = split.valid
@@ -72,8 +72,8 @@ class MeasuredKL:
         """The module apply_plan would put at `unit` for `spec`, built once per (unit, spec):
         trials revisit the same formats constantly and quantising (clip search, SVD) is the
         expensive part of a trial."""
-        from ..formats.apply import _round_
-        from ..formats.modules import module_for
+        from dfplan.formats.apply import _round_
+        from dfplan.formats.modules import module_for
 
         key = (unit.name, spec.name)
         if key not in self._modules:
@@ -91,8 +91,7 @@ class MeasuredKL:
     def student(self, assignment) -> torch.nn.Module:
         """The teacher under `assignment`: one shared model whose units are swapped per call
         (fixed tensors rounded to the plan default once, as apply_plan does)."""
-        from ..formats.apply import apply_plan
-        from .plan import Plan, model_signature
+        from dfplan.formats.apply import apply_plan
 
         if self._student is None:
             base = copy.deepcopy(self.teacher)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..errors import DfplanError
+from dfplan.errors import DfplanError
 from .space import SearchSpace
 from .surrogate import Surrogate
 

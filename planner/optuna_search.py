@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
-from ..errors import DfplanError
+from dfplan.errors import DfplanError
 from .space import SearchSpace
 from .surrogate import Surrogate
 

@@ -31,9 +31,9 @@ A plan made from this prior carries no quality claim; its notes say so.
 """
 from __future__ import annotations
 
-from ..config import Mamba2Config
-from ..formats.specs import DEFAULT_CANDIDATES, Binary, IntN, Keep, Spec
-from ..formats.units import Unit, compressible_units
+from dfplan.config import Mamba2Config
+from dfplan.formats.specs import DEFAULT_CANDIDATES, Binary, IntN, Keep, Spec
+from dfplan.formats.units import Unit, compressible_units
 from .space import candidate_specs
 from .surrogate import Surrogate
 

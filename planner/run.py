@@ -18,12 +18,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import DfplanError
-from ..provenance import git_commit
+from dfplan.errors import DfplanError
+from dfplan.provenance import git_commit
 from .budget import format_bytes, parse_bytes
 from .milp import pareto_front, solve
 from .optuna_search import SAMPLERS, _redact, run_search
-from .plan import Plan
+from dfplan.formats.plan import Plan
 from .prior import NOTE as PRIOR_NOTE
 from .prior import prior_surrogate
 from .space import build_space
@@ -94,9 +94,9 @@ def _scores(o: SearchOptions, cfg, out: Path):
 
 
 def _measured_evaluator(o: SearchOptions, cfg, space, sur):
-    from ..data import load_tokens
-    from ..loading import load_model
-    from ..tokenizer import check_vocab, load_tokenizer
+    from dfplan.data import load_tokens
+    from dfplan.loading import load_model
+    from dfplan.tokenizer import check_vocab, load_tokenizer
     from .measured import MeasuredKL, heldout_windows
 
     model, tok = load_model(o.model)
@@ -157,7 +157,7 @@ def _versions() -> dict:
 
 def search(o: SearchOptions, say=print) -> Plan:
     """Run the search described by `o`; writes OUT/plan.json, plan.md, pareto.csv; -> the Plan."""
-    from ..loading import load_config
+    from dfplan.loading import load_config
     from .summary import render_summary, write_front_csv
 
     t0 = time.perf_counter()
@@ -265,7 +265,7 @@ def search(o: SearchOptions, say=print) -> Plan:
     out.mkdir(parents=True, exist_ok=True)
     plan.to_json(out / "plan.json")
     write_front_csv(out / "pareto.csv", front, sur)
-    from ..fileio import write_text_atomic
+    from dfplan.fileio import write_text_atomic
     write_text_atomic(out / "plan.md", render_summary(plan, space, sur, milp, front, uniforms, runs, budget,
                                                       evaluator_info=measured_info))
     say(f"wrote {out / 'plan.json'}: {format_bytes(nbytes)}, predicted KL {plan.predicted_kl:.6g}"

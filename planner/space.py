@@ -11,13 +11,13 @@ from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
 
-from ..config import Mamba2Config
-from ..errors import DfplanError
-from ..formats.size import plan_bytes
-from ..formats.specs import DEFAULT_CANDIDATES, Keep, Spec
-from ..formats.units import Unit, allowed_specs, compressible_units
+from dfplan.config import Mamba2Config
+from dfplan.errors import DfplanError
+from dfplan.formats.size import plan_bytes
+from dfplan.formats.specs import DEFAULT_CANDIDATES, Keep, Spec
+from dfplan.formats.units import Unit, allowed_specs, compressible_units
 from .budget import format_bytes
-from .plan import Plan, model_signature
+from dfplan.formats.plan import Plan, model_signature
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tabulate import tabulate
 
-from ..fileio import atomic_path
+from dfplan.fileio import atomic_path
 from .budget import format_bytes
 from .milp import solve
 

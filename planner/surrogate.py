@@ -21,10 +21,10 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from ..config import Mamba2Config
-from ..errors import DfplanError
-from ..formats.specs import Keep, Spec, parse_spec
-from ..formats.units import compressible_units
+from dfplan.config import Mamba2Config
+from dfplan.errors import DfplanError
+from dfplan.formats.specs import Keep, Spec, parse_spec
+from dfplan.formats.units import compressible_units
 
 REQUIRED_COLUMNS = ("unit", "kind", "block", "spec", "bytes", "kl")
 # the reference format: the teacher itself in fp16 (for fp16/bf16/fp32 teachers it is ~lossless)
@@ -184,7 +184,7 @@ def load_surrogate(path: str | Path, cfg: Mamba2Config) -> Surrogate:
     """Read, validate and average a sensitivity table (+ its sensitivity.json provenance)."""
     import json
 
-    from ..fileio import sha256_file
+    from dfplan.fileio import sha256_file
 
     path = Path(path)
     df = load_table(path)

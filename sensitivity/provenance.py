@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import torch
 
-from ..provenance import git_commit as _git_commit
+from dfplan.provenance import git_commit as _git_commit
 
 
 def model_fingerprint(model) -> str:

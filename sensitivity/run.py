@@ -8,7 +8,7 @@ import torch
 
 from dfplan.errors import DfplanError
 
-from . import distributed as D
+from dfplan import distributed as D
 from .analyzer import SensitivityResult, analyze, auto_batch_tokens, merge
 from .calib import VALID_FRACTION, calibration_windows, corpus_tokens
 from .jobs import AnalyzerConfig, parse_candidates

@@ -172,7 +172,7 @@ def test_intn_only_plan_and_trained_norms(setup, tmp_path):
     """A plan without binary units (IntN linears) and --train-norms: norms move, then freeze
     onto the fp16 grid, and the export is still exact."""
     cfg, teacher, _, tokens, split = setup
-    from dfplan.planner.plan import Plan, model_signature
+    from dfplan.formats.plan import Plan, model_signature
     plan = Plan(specs={"*.in_proj": IntN(4), "*.out_proj": IntN(8, 16)}, model=model_signature(cfg))
     res = train(teacher, plan, tokens, split, dcfg(6, train_norms=True, lr_norm=1e-2), progress=False,
                 say=quiet)

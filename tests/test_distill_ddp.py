@@ -29,7 +29,7 @@ def _train_state(_unused=None):
 
 
 def test_two_processes_match_one():
-    from dfplan.sensitivity.distributed import spawn
+    from dfplan.distributed import spawn
     torch.set_num_threads(1)
     one = _train_state()
     two = spawn(_train_state, (None,), nproc=2, threads=1)

@@ -11,7 +11,7 @@ from dfplan.formats.layouts import layout_plan
 from dfplan.formats.modules import BinaryLinear, IntNEmbedding, IntNLinear, kernels
 from dfplan.formats.specs import Binary, IntN, Keep, parse_spec
 from dfplan.model import Embedding, build_model
-from dfplan.planner.plan import Plan
+from dfplan.formats.plan import Plan
 
 
 def gen(seed):

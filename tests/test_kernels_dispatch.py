@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from dfplan.errors import DfplanError
+from dfplan.kernels.errors import KernelError
 from dfplan.kernels import (binary_linear, binary_linear_ref, int8_embedding, int8_linear,
                             int8_linear_ref, select_backend)
 from dfplan.kernels import cpu
@@ -45,15 +45,15 @@ def test_auto_on_cpu_uses_the_cpp_kernel_when_built(case, monkeypatch):
 
 def test_bad_mode_and_impossible_forcing(case, monkeypatch):
     monkeypatch.setenv("DFPLAN_KERNELS", "fastest")
-    with pytest.raises(DfplanError, match="DFPLAN_KERNELS"):
+    with pytest.raises(KernelError, match="DFPLAN_KERNELS"):
         call(case)
     monkeypatch.setenv("DFPLAN_KERNELS", "triton")
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    with pytest.raises(DfplanError, match="Triton"):
+    with pytest.raises(KernelError, match="Triton"):
         call(case)
     monkeypatch.setenv("DFPLAN_KERNELS", "cpu")
     meta = {k: (v.to("meta") if isinstance(v, torch.Tensor) else v) for k, v in case.items()}
-    with pytest.raises(DfplanError, match="CPU kernels"):
+    with pytest.raises(KernelError, match="CPU kernels"):
         call(meta)
 
 
@@ -100,7 +100,7 @@ BAD = [
 
 @pytest.mark.parametrize("over,msg", BAD)
 def test_bad_binary_inputs_raise_clear_errors(case, over, msg):
-    with pytest.raises(DfplanError, match=msg):
+    with pytest.raises(KernelError, match=msg):
         call(case, **over)
 
 
@@ -115,11 +115,11 @@ def test_int8_linear_dispatch_and_errors(monkeypatch):
     y = int8_linear(x, q, s)
     ref = int8_linear_ref(x, q, s)
     assert torch.allclose(y, ref, atol=0.03 * float(ref.abs().max()))
-    with pytest.raises(DfplanError, match="qweight must be torch.int8"):
+    with pytest.raises(KernelError, match="qweight must be torch.int8"):
         int8_linear(x, q.to(torch.int16), s)
-    with pytest.raises(DfplanError, match=r"scale must have shape \(19,\)"):
+    with pytest.raises(KernelError, match=r"scale must have shape \(19,\)"):
         int8_linear(x, q, s[:5])
-    with pytest.raises(DfplanError, match="contiguous"):
+    with pytest.raises(KernelError, match="contiguous"):
         int8_linear(x, torch.zeros(33, 19, dtype=torch.int8).T, s)
 
 
@@ -131,7 +131,7 @@ def test_int8_embedding_gathers_scaled_rows():
     e = int8_embedding(ids, q, s)
     assert e.shape == (2, 5, 8)
     assert torch.equal(e, (q.float() * s[:, None])[ids])
-    with pytest.raises(DfplanError, match="token ids"):
+    with pytest.raises(KernelError, match="token ids"):
         int8_embedding(torch.tensor([50]), q, s)
 
 
@@ -149,9 +149,9 @@ def test_mamba2_step_dispatch_checks_states():
     y = mamba2_step(zx, conv, ssm, *params, 1e-5, G, P, N)  # fused C++ step when built
     assert torch.allclose(y, mamba2_step_ref(zx, c2, s2, *params, 1e-5, G, P, N), atol=1e-5)
     assert torch.equal(conv, c2) and torch.allclose(ssm, s2, atol=1e-5)
-    with pytest.raises(DfplanError, match="ssm_state must be a contiguous"):
+    with pytest.raises(KernelError, match="ssm_state must be a contiguous"):
         mamba2_step(zx, conv, ssm.transpose(2, 3), *params, 1e-5, G, P, N)
-    with pytest.raises(DfplanError, match="zxbcdt must have shape"):
+    with pytest.raises(KernelError, match="zxbcdt must have shape"):
         mamba2_step(zx[:, 1:], conv, ssm, *params, 1e-5, G, P, N)
-    with pytest.raises(DfplanError, match="ssm_state must have shape"):
+    with pytest.raises(KernelError, match="ssm_state must have shape"):
         mamba2_step(zx, conv, ssm[:, :, :4].contiguous(), *params, 1e-5, G, P, N)

@@ -16,7 +16,7 @@ from dfplan.errors import DfplanError
 from dfplan.formats.size import plan_bytes
 from dfplan.planner.milp import solve
 from dfplan.planner.optuna_search import run_search, study_name
-from dfplan.planner.plan import Plan
+from dfplan.formats.plan import Plan
 from dfplan.planner.space import build_space
 from dfplan.planner.surrogate import surrogate_from_table
 from dfplan.planner.uniform import uniform_allocations

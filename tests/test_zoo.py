@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from dfplan.errors import DfplanError
-from dfplan.zoo import CHECKPOINT, META, TrainConfig, find_teachers, lr_factor, preset_rows, train_teacher
+from dfplan.lr import lr_factor
+from dfplan.zoo import CHECKPOINT, META, TrainConfig, find_teachers, preset_rows, train_teacher
 
 
 @pytest.fixture(autouse=True)

@@ -55,7 +55,7 @@ def command(teacher, plan_arg, corpus, tokens, out, glob_, tokenizer, seq_len, b
     from ..distill.losses import LossConfig
     from ..distill.run import DistillJob, parse_count, run_distill
     from ..distill.trainer import DistillConfig
-    from ..sensitivity.distributed import init_from_env
+    from ..distributed import init_from_env
 
     cfg = DistillConfig(tokens=parse_count(tokens), seq_len=seq_len, batch_size=batch_size,
                         stage1_fraction=stage1_fraction, anneal_fraction=anneal_fraction,

@@ -13,7 +13,7 @@ from ..formats.layouts import describe_layouts, layout_names
 def choose_plan(cfg, model_arg: str, plan_path: str | None, layout: str | None):
     """The plan to size: --plan, --layout, a packed directory's own plan.json, else fp16."""
     from ..formats.layouts import layout_plan
-    from ..planner.plan import Plan
+    from ..formats.plan import Plan
 
     if plan_path and layout:
         raise DfplanError("pass either --plan or --layout, not both")

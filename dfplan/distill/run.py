@@ -25,7 +25,11 @@ import torch
 
 from ..errors import DfplanError
 from ..fileio import write_json_atomic
-from .trainer import DistillConfig, rank_world, train, write_log
+from ..formats.layouts import layout_plan
+from ..formats.plan import Plan
+from ..formats.specs import Binary
+from ..distributed import rank_world
+from .trainer import DistillConfig, train, write_log
 
 CHECKPOINT = "checkpoint.pt"
 EVAL = "eval.json"
@@ -83,9 +87,7 @@ def check_out_dir(out: Path, resume: bool) -> None:
 
 
 def load_plan(plan_arg: str, cfg):
-    from ..planner.plan import Plan
     if plan_arg.startswith("layout:"):
-        from ..formats.layouts import layout_plan
         return layout_plan(plan_arg.removeprefix("layout:"), cfg)
     return Plan.from_json(plan_arg)
 
@@ -167,8 +169,6 @@ def prepare(job: DistillJob, say: Callable[[str], None]) -> _Inputs:
 
 def scaffold_only_plan(plan, cfg):
     """The same plan with every low-rank correction removed (exact unit names)."""
-    from ..formats.specs import Binary
-    from ..planner.plan import Plan
     resolved = plan.resolve(cfg)
     specs = {k: (Binary(v.scale, 0) if isinstance(v, Binary) else v) for k, v in resolved.items()}
     return Plan(specs=specs, default=plan.default, model=dict(plan.model), notes="scaffold only")

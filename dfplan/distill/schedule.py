@@ -14,7 +14,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from ..errors import DfplanError
-from ..zoo import lr_factor
+from ..lr import lr_factor
 
 
 @dataclass(frozen=True)

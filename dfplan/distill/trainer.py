@@ -25,6 +25,7 @@ import torch.distributed as dist
 from tqdm.auto import tqdm
 
 from ..data import EpochSampler, WindowSplit, gather
+from ..distributed import rank_world
 from ..errors import DfplanError
 from ..fileio import atomic_path, write_text_atomic
 from .losses import LossConfig, distill_loss
@@ -101,12 +102,6 @@ class TrainResult:
     schedule: Schedule
     state: dict                          # step, tokens_seen, train_s, history
     finished: bool
-
-
-def rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
 
 
 def _barrier() -> None:

@@ -51,7 +51,7 @@ def _round_(t: torch.Tensor, storage: torch.dtype) -> None:
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan, generator: torch.Generator | None = None,
                progress: bool = False) -> nn.Module:
-    """Swap modules in place per `plan` (a planner.plan.Plan); returns the same model.
+    """Swap modules in place per `plan` (a formats.plan.Plan); returns the same model.
 
     Everything is validated (names, shapes, allowed formats) before the first module changes.
     generator seeds the zero-init corrections (V random) for reproducibility.

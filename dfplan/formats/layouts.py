@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from ..config import Mamba2Config
 from ..errors import DfplanError
+from .plan import Plan, model_signature
 from .specs import Binary, IntN, Keep, Spec
 from .units import compressible_units
 
@@ -50,8 +51,6 @@ def layout_kinds(name: str) -> tuple[dict[str, Spec], Keep]:
 
 def layout_plan(name: str, cfg: Mamba2Config):
     """The built-in layout `name` as a Plan for `cfg` (explicit unit names)."""
-    from dfplan.planner.plan import Plan, model_signature
-
     kinds, default = layout_kinds(name)
     specs = {u.name: kinds[u.kind] for u in compressible_units(cfg) if u.kind in kinds}
     return Plan(specs=specs, default=default, model=model_signature(cfg), solver=f"layout:{name}",

@@ -61,7 +61,7 @@ def _add(groups, key, label, spec, nbytes, params):
 
 
 def plan_bytes(cfg: Mamba2Config, plan) -> SizeReport:
-    """Exact packed payload of `cfg` under `plan` (a planner.plan.Plan)."""
+    """Exact packed payload of `cfg` under `plan` (a formats.plan.Plan)."""
     resolved = plan.resolve(cfg)
     comps = []
     for u in compressible_units(cfg):

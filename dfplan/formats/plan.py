@@ -24,8 +24,8 @@ from pathlib import Path
 from ..config import Mamba2Config
 from ..errors import DfplanError
 from ..fileio import write_json_atomic
-from ..formats.specs import Keep, Spec, spec_from_json, spec_to_json
-from ..formats.units import Unit, allowed_specs, compressible_units
+from .specs import Keep, Spec, spec_from_json, spec_to_json
+from .units import Unit, allowed_specs, compressible_units
 
 PLAN_FORMAT = "dfplan-plan"
 PLAN_VERSION = 1

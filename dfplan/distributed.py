@@ -1,7 +1,7 @@
-"""Sharding the sensitivity jobs over processes with torch.distributed.
+"""Process groups for sensitivity sharding and data-parallel distillation (torch.distributed).
 
 Two ways in:
-  torchrun --nproc_per_node 2 -m dfplan.sensitivity.distributed --model M --corpus C --out run/sensitivity.csv
+  torchrun --nproc_per_node 2 -m dfplan sensitivity --model M --corpus C --out run/sensitivity.csv
   dfplan sensitivity ... --nproc 2          (spawns the processes itself, gloo over localhost)
 
 Every rank computes the teacher cache itself, scores the jobs jobs.shard() assigns it
@@ -15,14 +15,13 @@ from __future__ import annotations
 import os
 import pickle
 import socket
-import sys
 import tempfile
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from dfplan.errors import DfplanError
+from .errors import DfplanError
 
 
 def backend_for(device: str | None) -> str:
@@ -109,12 +108,3 @@ def spawn(fn, args: tuple, nproc: int, threads: int | None = None):
         raise DfplanError(value)
     return value
 
-
-def main(argv=None) -> int:
-    """`python -m dfplan.sensitivity.distributed ARGS` (under torchrun): the sensitivity command."""
-    from dfplan.cli import main as cli_main
-    return cli_main(["sensitivity", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
