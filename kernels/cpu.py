@@ -1,9 +1,10 @@
 """CPU kernels: build the C++ extension once (cached on disk), then call it.
 
-The extension is compiled with torch.utils.cpp_extension on first use into
-~/.cache/dfplan/kernels/<hash of sources + flags + torch version>, so a rebuild happens only
-when the source or the toolchain changes. Build failures (no compiler, ...) warn once and
-leave `extension()` returning None; dispatch then uses the reference path.
+The extension is compiled with torch.utils.cpp_extension on first use (or by `make setup`)
+into a per-venv cache keyed by sources, flags, torch, python and compiler (kernels/build.py:
+private build folder renamed into place, a lock no dead process can hold), so a rebuild
+happens only when the source or the toolchain changes. Build failures (no compiler, ...)
+warn once and leave `extension()` returning None; dispatch then uses the reference path.
 
 The binary carries an AVX-512 VNNI, an AVX2 and a portable path and picks one at runtime.
 After loading, the fastest path is checked once against the portable one on a small random
@@ -12,15 +13,14 @@ rather than returning wrong numbers.
 """
 from __future__ import annotations
 
-import hashlib
 import os
-import sys
 import threading
 import warnings
 from pathlib import Path
 
 import torch
 
+from . import build
 from .packing import pack_signs
 
 ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512-vnni"}
@@ -36,36 +36,15 @@ _state: dict = {}  # "ext": module | None, "isa": int, "error": str
 
 
 def cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "dfplan" / "kernels"
+    return build.cache_root()
 
 
 def build_hash() -> str:
-    h = hashlib.sha256()
-    for src in _SOURCES + _HEADERS:
-        h.update(src.read_bytes())
-    h.update(" ".join(_CFLAGS).encode())
-    h.update(torch.__version__.encode())
-    h.update(sys.version.encode())
-    return h.hexdigest()[:16]
+    return build.build_key(_SOURCES + _HEADERS, _CFLAGS, torch.__version__)
 
 
 def _build():
-    from torch.utils import cpp_extension
-
-    build_dir = cache_root() / build_hash()
-    build_dir.mkdir(parents=True, exist_ok=True)
-    fresh = not any(build_dir.glob(f"{_NAME}*.so"))
-    if fresh:
-        print(f"dfplan: compiling CPU kernels once into {build_dir} (about a minute)",
-              file=sys.stderr, flush=True)
-    return cpp_extension.load(
-        name=_NAME,
-        sources=[str(s) for s in _SOURCES],
-        extra_cflags=_CFLAGS,
-        build_directory=str(build_dir),
-        verbose=False,
-    )
+    return build.load_or_build(_NAME, _SOURCES, _HEADERS, _CFLAGS, torch.__version__)
 
 
 def _self_check(ext, isa: int) -> bool:
