@@ -9,6 +9,8 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PY := $(BIN)/python
 RUN ?= runs/demo
+# e.g. `make demo THREADS=1` on a shared machine (torch's default uses every core)
+THREADS ?=
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test bench lint clean
@@ -19,13 +21,15 @@ $(BIN)/dfplan: pyproject.toml
 	$(PY) -m pip install -q torch==$(TORCH_VERSION) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	echo "torch==$(TORCH_VERSION)" > $(VENV)/torch-pin.txt
 	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt -e '.[dev]'
+	@# build the C++ CPU kernels now (into the venv), not in the middle of the first command
+	-$(PY) -c "import dfplan.kernels.cpu as c; c.extension()"
 	touch $@
 
 setup: $(BIN)/dfplan
 
 # The whole pipeline on the built-in default (tiny teacher on the stdlib corpus), offline.
 demo: setup
-	$(BIN)/dfplan demo --out $(RUN)
+	$(BIN)/dfplan demo --out $(RUN) $(if $(THREADS),--threads $(THREADS))
 
 # pytest exits 5 when it collects nothing: fine only while no test files exist at all.
 test: setup
