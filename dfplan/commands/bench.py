@@ -51,3 +51,60 @@ def kernels(out_dir, model, batches, units, impls, device, budget_s, threads, ba
     path = write(res, out_dir)
     click.echo(format_table(res))
     click.echo(f"wrote {path}")
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    try:
+        vals = tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise DfplanError(f"expected comma-separated fractions, got {text!r}") from None
+    if not vals or any(not 0 < v <= 1 for v in vals):
+        raise DfplanError(f"expected fractions in (0, 1], got {text!r}")
+    return vals
+
+
+@command.command(name="dynamic", help="Per-prompt dynamic support (units chosen from random "
+                 "sketches of their prompt activation energies): KL to the full model over the "
+                 "continuation and decode speed vs fraction kept and measurements m, against an "
+                 "oracle and a random support; writes OUT/dynamic.json.")
+@click.option("--model", "model_arg", required=True,
+              help="Checkpoint dir, zoo teacher dir, packed artifact dir, or preset:NAME (random weights).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="Directory for dynamic.json.")
+@click.option("--corpus", multiple=True, help="Prompt text (file, folder, glob, builtin-heldout); "
+              "default: random token ids.")
+@click.option("--tokenizer", default=None, help="tokenizer.json (default: the model's own).")
+@click.option("--prompts", default=4, show_default=True, type=click.IntRange(min=1))
+@click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(min=2))
+@click.option("--gen", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Continuation tokens (greedy, from the full model) scored for KL.")
+@click.option("--keep", default="0.25,0.5,0.75", show_default=True,
+              help="Fractions of units kept per layer.")
+@click.option("--m", "m_fracs", default="0.125,0.25,0.5", show_default=True,
+              help="Measurements per layer, as fractions of that layer's unit count.")
+@click.option("--block", default=None, type=click.IntRange(min=1),
+              help="d_inner channels per SSM unit (default: headdim, i.e. units = SSM heads).")
+@click.option("--mlp-block", default=128, show_default=True, type=click.IntRange(min=1),
+              help="Hidden channels per MLP unit (hybrids with d_intermediate > 0).")
+@click.option("--sketch", default="gaussian", show_default=True,
+              type=click.Choice(["gaussian", "rademacher"]))
+@click.option("--recovery", default="omp", show_default=True, type=click.Choice(["omp", "lasso"]))
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--quality/--no-quality", default=True, show_default=True, help="Measure KL.")
+@click.option("--speed/--no-speed", default=True, show_default=True, help="Time decode steps.")
+@click.option("--budget", "budget_s", default=1.0, show_default=True, type=float,
+              help="Seconds of samples per decode-step timing.")
+@click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
+def dynamic(model_arg, out_dir, corpus, tokenizer, prompts, prompt_len, gen, keep, m_fracs, block,
+            mlp_block, sketch, recovery, seed, quality, speed, budget_s, threads):
+    from ..dynamic.bench import DynamicBenchConfig, format_table, run_dynamic_bench, write
+
+    cfg = DynamicBenchConfig(model=model_arg, corpus=tuple(corpus), tokenizer=tokenizer,
+                             prompts=prompts, prompt_len=prompt_len, gen=gen,
+                             keep=_fractions(keep), m_fracs=_fractions(m_fracs), block=block,
+                             mlp_block=mlp_block, sketch=sketch, recovery=recovery, seed=seed,
+                             quality=quality, speed=speed, budget_s=budget_s, threads=threads)
+    res = run_dynamic_bench(cfg)
+    path = write(res, out_dir)
+    click.echo(format_table(res))
+    click.echo(f"wrote {path}")
