@@ -40,8 +40,10 @@ test: setup
 bench: setup
 	$(BIN)/dfplan bench kernels --out $(RUN)/bench
 
+# ruff (pyflakes, import order) and the import-linter layer contract of pyproject.toml
 lint: setup
-	$(PY) -m compileall -q dfplan sensitivity planner kernels bench reports tests
+	$(BIN)/ruff check .
+	$(PY) tools/lint_layers.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -124,6 +124,10 @@ def require_tokens(n_tokens: int, needed: int, what: str) -> None:
         raise DfplanError(f"corpus has {n_tokens} tokens but {what} needs at least {needed}; "
                           "pass a longer corpus or a shorter --seq-len")
 
+# Share of window blocks held out from calibration: sensitivity, its validation and the
+# planner's measured objective all use this one split.
+VALID_FRACTION = 0.1
+
 
 @dataclass(frozen=True)
 class WindowSplit:
@@ -173,6 +177,28 @@ def gather(tokens: np.ndarray, starts: np.ndarray, length: int) -> np.ndarray:
     """Windows tokens[s : s + length] for every start -> (N, length) int64."""
     idx = np.asarray(starts, dtype=np.int64)[:, None] + np.arange(length, dtype=np.int64)
     return tokens[idx].astype(np.int64)
+
+
+def heldout_windows(tokens: np.ndarray, seq_len: int, n_max: int | None = None, seed: int = 0,
+                    valid_fraction: float = VALID_FRACTION) -> np.ndarray:
+    """Up to n_max windows of the seeded valid split, evenly spaced -> (n, seq_len + 1).
+
+    The split is the one calibration samples its train windows from (same fraction and seed),
+    so scores are never validated on the text they were computed from. n_max None/0: all.
+    """
+    split = split_windows(len(tokens), seq_len, valid_fraction, seed)
+    starts = evenly_spaced(split.valid, n_max) if n_max else split.valid
+    return gather(tokens, starts, seq_len + 1)
+
+
+def stream_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
+    """Non-overlapping (N, seq_len + 1) windows over a whole held-out stream, evenly spaced when
+    capped, so the same corpus always gives the same windows."""
+    require_tokens(len(tokens), seq_len + 1, f"one evaluation window of {seq_len} tokens")
+    starts = window_starts(len(tokens), seq_len)
+    if max_windows is not None:
+        starts = evenly_spaced(starts, max_windows)
+    return gather(tokens, starts, seq_len + 1)
 
 
 def sample_windows(tokens: np.ndarray, n: int, length: int, seed: int = 0) -> np.ndarray:

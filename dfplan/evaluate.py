@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .data import stream_windows
 from .errors import DfplanError
 
 
@@ -71,17 +72,6 @@ def kl_to_teacher(teacher, student, windows, batch_size: int = 8, vocab_size: in
     return total / count
 
 
-def heldout_windows(tokens: np.ndarray, seq_len: int, max_windows: int | None = None) -> np.ndarray:
-    """Non-overlapping (N, seq_len + 1) windows over a held-out stream, evenly spaced when
-    capped, so the same corpus always gives the same windows."""
-    from .data import evenly_spaced, gather, require_tokens, window_starts
-    require_tokens(len(tokens), seq_len + 1, f"one evaluation window of {seq_len} tokens")
-    starts = window_starts(len(tokens), seq_len)
-    if max_windows is not None:
-        starts = evenly_spaced(starts, max_windows)
-    return gather(tokens, starts, seq_len + 1)
-
-
 def evaluate_model(model_arg: str, corpus, tokenizer: str | None = None, teacher: str | None = None,
                    seq_len: int = 256, max_windows: int | None = 64, batch_size: int = 8,
                    out: str | None = None) -> dict:
@@ -102,7 +92,7 @@ def evaluate_model(model_arg: str, corpus, tokenizer: str | None = None, teacher
         raise DfplanError(f"{model_arg} has no tokenizer.json; pass --tokenizer")
     check_vocab(tok, model.config)
     stream = load_tokens(corpus, tok)
-    windows = heldout_windows(stream.tokens, seq_len, max_windows)
+    windows = stream_windows(stream.tokens, seq_len, max_windows)
     V = model.config.vocab_size
     res = perplexity(model, windows, batch_size, vocab_size=V, progress=True)
     result = {"model": model_arg, "corpus": list(stream.files), "seq_len": seq_len,

@@ -32,20 +32,12 @@ from .formats.plan import Plan
 from .formats.size import layout_bytes, packed_layout
 from .formats.specs import Keep
 from .formats.units import compressible_units
-from .provenance import git_commit
+from .provenance import git_commit, library_versions
 
 PACKED_FORMAT = "dfplan-packed"
 PACKED_VERSION = 1
 WEIGHTS, CONFIG, PLAN, TOKENIZER, MANIFEST = ("model.safetensors", "config.json", "plan.json",
                                               "tokenizer.json", "manifest.json")
-
-
-def _versions() -> dict:
-    import safetensors
-
-    import dfplan
-    return {"dfplan": dfplan.__version__, "torch": torch.__version__,
-            "safetensors": safetensors.__version__, "python": platform.python_version()}
 
 
 def _compressed_keys(cfg: Mamba2Config, resolved: dict) -> set[str]:
@@ -134,7 +126,7 @@ def save_packed(model: nn.Module, plan=None, out_dir: str | os.PathLike | None =
         "files": {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in files},
         "payload_bytes": payload, "n_tensors": len(tensors), "plan_hash": plan.hash(),
         "compute_dtype": str(_float_dtype(model)).removeprefix("torch."),
-        "model": cfg.name, "versions": _versions(), "git_commit": git_commit(),
+        "model": cfg.name, "versions": library_versions("safetensors"), "git_commit": git_commit(),
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         **({"extra": extra} if extra else {}),
     }

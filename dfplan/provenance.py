@@ -1,7 +1,10 @@
-"""Shared provenance helpers: the git commit of this checkout, recorded in every artifact."""
+"""Shared provenance helpers: the git commit of this checkout and the library versions, recorded
+in every artifact (packed checkpoints, plans, sensitivity tables, benchmark results)."""
 from __future__ import annotations
 
+import platform
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 _ROOT = Path(__file__).resolve().parent.parent
@@ -24,3 +27,25 @@ def git_commit(mark_dirty: bool = False, repo: str | Path | None = None) -> str 
         return head
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+def git_state(repo: str | Path | None = None) -> dict:
+    """{"commit": HEAD or None, "dirty": bool or None}: what benchmark results record."""
+    head = git_commit(repo=repo)
+    if head is None:
+        return {"commit": None, "dirty": None}
+    marked = git_commit(mark_dirty=True, repo=repo) or head
+    return {"commit": head, "dirty": marked.endswith("+dirty")}
+
+
+def package_version(name: str) -> str | None:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def library_versions(*extra: str) -> dict:
+    """Python, dfplan, torch, numpy and the `extra` distributions (None when not installed)."""
+    return {"python": platform.python_version(),
+            **{n: package_version(n) for n in ("dfplan", "torch", "numpy", *extra)}}

@@ -21,20 +21,6 @@ import torch.nn.functional as F
 from dfplan.errors import DfplanError
 from .space import SearchSpace
 
-VALID_FRACTION = 0.1
-
-
-def heldout_windows(tokens: np.ndarray, seq_len: int, n_max: int, seed: int = 0) -> np.ndarray:
-    """Up to n_max valid windows (evenly spaced over the valid split) -> (n, seq_len + 1) int64."""
-    from dfplan.data import gather, split_windows
-
-    split = split_windows(len(tokens), seq_len, VALID_FRACTION, seed)
-    starts = split.valid
-    if n_max and len(starts) > n_max:
-        starts = starts[np.linspace(0, len(starts) - 1, n_max).round().astype(np.int64)]
-    return gather(tokens, starts, seq_len + 1)
-
-
 @dataclass
 class MeasuredKL:
     """Callable: assignment (unit -> spec) -> mean per-token KL(teacher || plan), nats."""

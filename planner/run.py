@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from dfplan.errors import DfplanError
-from dfplan.provenance import git_commit
+from dfplan.provenance import git_commit, library_versions
 from .budget import format_bytes, parse_bytes
 from .milp import pareto_front, solve
 from .optuna_search import SAMPLERS, _redact, run_search
@@ -97,7 +97,9 @@ def _measured_evaluator(o: SearchOptions, cfg, space, sur):
     from dfplan.data import load_tokens
     from dfplan.loading import load_model
     from dfplan.tokenizer import check_vocab, load_tokenizer
-    from .measured import MeasuredKL, heldout_windows
+    from dfplan.data import heldout_windows
+
+    from .measured import MeasuredKL
 
     model, tok = load_model(o.model)
     model = model.float()
@@ -142,17 +144,6 @@ def _validate_plans(space, sur, evaluator, chosen, front, uniforms, k: int, say)
         rows.append({"plan": label, "bytes": space.total_bytes(a), "additive_kl": sur.additive(a), "measured_kl": m})
         say(f"validate {label}: predicted {sur.additive(a):.6g}, measured {m:.6g}")
     return rows
-
-
-def _versions() -> dict:
-    from importlib import metadata
-    out = {}
-    for n in ("dfplan", "optuna", "scipy", "numpy"):
-        try:
-            out[n] = metadata.version(n)
-        except metadata.PackageNotFoundError:
-            out[n] = None
-    return out
 
 
 def search(o: SearchOptions, say=print) -> Plan:
@@ -257,7 +248,7 @@ def search(o: SearchOptions, say=print) -> Plan:
         "space": {"units": len(space.units), "choices": sum(len(u.specs) for u in space.units),
                   "fixed_bytes": space.fixed_bytes, "min_bytes": space.min_bytes, "max_bytes": space.max_bytes},
         "uniform": [{"name": u.name, "bytes": u.total_bytes, "predicted_kl": u.predicted_kl} for u in uniforms],
-        "git_commit": git_commit(), "versions": _versions(), "seed": o.seed,
+        "git_commit": git_commit(), "versions": library_versions("optuna", "scipy"), "seed": o.seed,
         "wall_s": round(time.perf_counter() - t0, 3),
     }
     plan = space.to_plan(chosen, budget_bytes=budget, predicted_kl=float(sur.predict(chosen)),

@@ -9,10 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from dfplan.data import gather, load_tokens, split_windows
+from dfplan.data import VALID_FRACTION, gather, load_tokens, split_windows
 from dfplan.errors import DfplanError
 
-VALID_FRACTION = 0.1
 
 
 def calibration_windows(tokens: np.ndarray, n: int, seq_len: int, seed: int = 0,
@@ -29,16 +28,6 @@ def calibration_windows(tokens: np.ndarray, n: int, seq_len: int, seed: int = 0,
                           f"fewer than the {n} requested; pass a longer corpus, fewer --windows or a shorter --seq-len")
     rng = np.random.default_rng(seed)
     starts = np.sort(rng.choice(split.train, size=n, replace=False))
-    return gather(tokens, starts, seq_len + 1)
-
-
-def heldout_windows(tokens: np.ndarray, n_max: int, seq_len: int, seed: int = 0,
-                    valid_fraction: float = VALID_FRACTION) -> np.ndarray:
-    """Up to n_max valid windows, evenly spaced over the valid split -> (n, seq_len + 1)."""
-    split = split_windows(len(tokens), seq_len, valid_fraction, seed)
-    starts = split.valid
-    if n_max and len(starts) > n_max:
-        starts = starts[np.linspace(0, len(starts) - 1, n_max).round().astype(np.int64)]
     return gather(tokens, starts, seq_len + 1)
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dfplan.provenance import git_commit as _git_commit
+from dfplan.provenance import library_versions
 
 
 def model_fingerprint(model) -> str:
@@ -36,13 +37,5 @@ def git_commit() -> str | None:
 
 
 def versions() -> dict:
-    from importlib import metadata
-
-    def ver(name):
-        try:
-            return metadata.version(name)
-        except metadata.PackageNotFoundError:
-            return None
-    return {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-            "pandas": ver("pandas"), "scipy": ver("scipy"), "dfplan": ver("dfplan"),
-            "platform": platform.platform(), "threads": torch.get_num_threads()}
+    return {**library_versions("pandas", "scipy"), "platform": platform.platform(),
+            "threads": torch.get_num_threads()}

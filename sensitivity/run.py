@@ -10,7 +10,9 @@ from dfplan.errors import DfplanError
 
 from dfplan import distributed as D
 from .analyzer import SensitivityResult, analyze, auto_batch_tokens, merge
-from .calib import VALID_FRACTION, calibration_windows, corpus_tokens
+from dfplan.data import VALID_FRACTION
+
+from .calib import calibration_windows, corpus_tokens
 from .jobs import AnalyzerConfig, parse_candidates
 from .provenance import config_hash, git_commit, model_fingerprint, versions, windows_hash
 from .resume import PartialStore

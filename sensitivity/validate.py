@@ -188,7 +188,9 @@ def run_validation(opts: ValidateOptions) -> dict:
 
     from dfplan.fileio import write_json_atomic, write_text_atomic
 
-    from .calib import VALID_FRACTION, corpus_tokens, heldout_windows
+    from dfplan.data import VALID_FRACTION, heldout_windows
+
+    from .calib import corpus_tokens
     from .run import load_teacher, load_text_tokenizer
     from .table import read_provenance, read_table
 
@@ -204,7 +206,7 @@ def run_validation(opts: ValidateOptions) -> dict:
     model, tok = load_teacher(opts.model, bool(prov.get("model", {}).get("random_init", False)), seed)
     tok = load_text_tokenizer(tok, opts.tokenizer, opts.model)
     stream = corpus_tokens(opts.corpus, tok, model.config)
-    held = heldout_windows(stream.tokens, opts.heldout_windows, seq_len, seed, cal.get("valid_fraction", VALID_FRACTION))
+    held = heldout_windows(stream.tokens, seq_len, opts.heldout_windows, seed, cal.get("valid_fraction", VALID_FRACTION))
     res = validate_table(model, table, held, sample=opts.sample, top_k=opts.top_k, joint_spec=opts.joint_spec,
                          seed=seed, batch_windows=opts.batch_windows, progress=True)
     res["provenance"] = {"model": opts.model, "table": str(opts.table), "corpus": list(stream.files),

@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from dfplan.cli import main
 from dfplan.config import Mamba2Config
-from dfplan.evaluate import heldout_windows, kl_to_teacher, perplexity
+from dfplan.data import stream_windows
+from dfplan.evaluate import kl_to_teacher, perplexity
 from dfplan.loading import save_mamba_ssm
 from dfplan.model import build_model
 from dfplan.tokenizer import save_tokenizer, train_bpe
@@ -46,11 +47,11 @@ def test_kl_is_zero_to_itself_and_positive_to_another_model():
     assert kl_to_teacher(a, b, w, vocab_size=CFG.vocab_size) > 1e-3
 
 
-def test_heldout_windows_are_deterministic_and_capped():
+def test_stream_windows_are_deterministic_and_capped():
     import numpy as np
     toks = np.arange(1000)
-    w = heldout_windows(toks, 31, max_windows=5)
-    assert w.shape == (5, 32) and np.array_equal(w, heldout_windows(toks, 31, max_windows=5))
+    w = stream_windows(toks, 31, max_windows=5)
+    assert w.shape == (5, 32) and np.array_equal(w, stream_windows(toks, 31, max_windows=5))
     assert (np.diff(w[:, 0]) > 0).all()
 
 

@@ -7,14 +7,17 @@ The output folder (`--out`) ends up holding the packed checkpoint (dfplan.packed
                     export check (artifact logits vs the trained model's)
   distill.json      what ran: options, schedule, tokens, tokens/s, losses, versions
   train_log.jsonl   the loss curve
-While training it holds checkpoint.pt (removed at the end). Every input is validated before
-the folder is touched, so bad input leaves nothing behind.
+While training it holds checkpoint.pt (the final one is kept until the export is published);
+the export is written into .export/ and moved in with manifest.json last, so a folder with
+a manifest is complete and a run killed during export is finished by a rerun. Every input is
+validated before the folder is touched, so bad input leaves nothing behind.
 """
 from __future__ import annotations
 
 import copy
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,15 +26,17 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..data import stream_windows
+from ..distributed import rank_world
 from ..errors import DfplanError
 from ..fileio import write_json_atomic
 from ..formats.layouts import layout_plan
 from ..formats.plan import Plan
 from ..formats.specs import Binary
-from ..distributed import rank_world
 from .trainer import DistillConfig, train, write_log
 
 CHECKPOINT = "checkpoint.pt"
+STAGING = ".export"        # the packed student, eval.json and distill.json before publish()
 EVAL = "eval.json"
 META = "distill.json"
 _COUNT_RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGbB]?)\s*$")
@@ -69,21 +74,48 @@ class DistillJob:
 
 # -- validation, before anything is written -------------------------------------------------
 
-def check_out_dir(out: Path, resume: bool) -> None:
+def complete(out: Path) -> bool:
+    """A finished distillation: the manifest (published last) and both reports."""
+    return all((out / f).is_file() for f in ("manifest.json", EVAL, META))
+
+
+def check_out_dir(out: Path, resume: bool) -> bool:
+    """Refuse an --out that cannot be used; -> whether to resume the run already in it.
+
+    A run whose training finished but whose export was interrupted (STAGING is there) is
+    finished without --resume: its final checkpoint holds everything the export needs.
+    """
     if out.exists() and not out.is_dir():
         raise DfplanError(f"--out {out} is a file; pass a folder")
-    if (out / "manifest.json").exists():
+    if complete(out):
         raise DfplanError(f"{out} already holds a packed student; choose another --out")
-    if (out / CHECKPOINT).exists() and not resume:
+    has_ckpt = (out / CHECKPOINT).exists()
+    interrupted_export = has_ckpt and ((out / STAGING).exists() or (out / "manifest.json").exists())
+    if (out / "manifest.json").exists() and not has_ckpt:
+        raise DfplanError(f"{out} holds a packed student without {EVAL} or {META} and no checkpoint "
+                          "to finish it from; choose another --out")
+    if has_ckpt and not (resume or interrupted_export):
         raise DfplanError(f"{out} holds an unfinished distillation; pass --resume to continue it "
                           "or choose another --out")
-    if out.is_dir() and not resume and any(out.iterdir()):
+    if out.is_dir() and not (resume or interrupted_export) and any(out.iterdir()):
         raise DfplanError(f"--out {out} exists and is not empty; choose a new folder")
     probe = out
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
         raise DfplanError(f"cannot write --out {out}: {probe} is not a writable folder")
+    return resume or interrupted_export
+
+
+def publish(stage: Path, out: Path) -> None:
+    """Move a finished export from `stage` into `out`, the manifest last: a folder with a
+    manifest is complete whatever moment a kill strikes."""
+    (out / "manifest.json").unlink(missing_ok=True)
+    for f in sorted(stage.iterdir()):
+        if f.name != "manifest.json":
+            os.replace(f, out / f.name)
+    os.replace(stage / "manifest.json", out / "manifest.json")
+    stage.rmdir()
 
 
 def load_plan(plan_arg: str, cfg):
@@ -126,17 +158,17 @@ class _Inputs:
     eval_windows: np.ndarray
     eval_source: dict
     identity: dict
+    resume: bool
 
 
 def prepare(job: DistillJob, say: Callable[[str], None]) -> _Inputs:
     """Load and check everything; raises DfplanError without writing anything."""
     from ..data import evenly_spaced, gather, load_tokens, split_windows
-    from ..evaluate import heldout_windows
     from ..loading import load_model, resolve_model_dir
 
     cfg_d = job.config
     cfg_d.schedule()                                      # token budget, fractions
-    check_out_dir(Path(job.out), job.resume)
+    resume = check_out_dir(Path(job.out), job.resume)
     teacher, tok = load_model(job.teacher, dtype=torch.float32)
     cfg = teacher.config
     plan = load_plan(job.plan, cfg)
@@ -151,7 +183,7 @@ def prepare(job: DistillJob, say: Callable[[str], None]) -> _Inputs:
     if job.eval_corpus:
         es = load_tokens(list(job.eval_corpus), tok, glob=job.glob)
         _check_ids(es.tokens, cfg, "the evaluation corpus")
-        windows = heldout_windows(es.tokens, L_eval, job.eval_windows)
+        windows = stream_windows(es.tokens, L_eval, job.eval_windows)
         source = {"corpus": list(job.eval_corpus), "files": len(es.files), "split": "all"}
     else:
         if job.eval_seq_len and job.eval_seq_len != cfg_d.seq_len:
@@ -162,7 +194,7 @@ def prepare(job: DistillJob, say: Callable[[str], None]) -> _Inputs:
     weights = [f for f in ("model.safetensors", "pytorch_model.bin") if (tdir / f).exists()]
     ident = {"teacher": str(tdir.resolve()), "teacher_bytes": [(tdir / f).stat().st_size for f in weights],
              "corpus": stream.key, **job.extra_identity}
-    return _Inputs(teacher, tok, plan, stream.tokens, split, windows, source, ident)
+    return _Inputs(teacher, tok, plan, stream.tokens, split, windows, source, ident, resume)
 
 
 # -- evaluation -------------------------------------------------------------------------------
@@ -227,10 +259,13 @@ def run_distill(job: DistillJob, say: Callable[[str], None] = print, progress: b
         out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     res = train(inp.teacher, inp.plan, inp.tokens, inp.split, job.config, checkpoint=out / CHECKPOINT,
-                resume=job.resume, identity=inp.identity, stop_after=stop_after, progress=progress,
+                resume=inp.resume, identity=inp.identity, stop_after=stop_after, progress=progress,
                 say=say, device=device)
     if not res.finished or rank != 0:
         return None
+    stage = out / STAGING       # from here a rerun finishes the export, with or without --resume
+    shutil.rmtree(stage, ignore_errors=True)
+    stage.mkdir()
     train_wall = time.perf_counter() - t0
     student = res.student.cpu()
     teacher = inp.teacher.cpu()
@@ -252,18 +287,19 @@ def run_distill(job: DistillJob, say: Callable[[str], None] = print, progress: b
     }
     meta["compression"] = round(meta["fp16_bytes"] / meta["packed_bytes"], 3)
     say("exporting the packed student and checking it against the trained model")
-    _, check = export_student(student, inp.plan, out, check_batch, tokenizer=inp.tok,
+    _, check = export_student(student, inp.plan, stage, check_batch, tokenizer=inp.tok,
                               extra={"distill": {k: meta[k] for k in ("teacher", "tokens_seen", "plan_hash")}})
     say(f"export check: max |dlogits| {check.max_abs_ref:.3g} on the reference path "
         f"(fast kernels: {check.max_abs_fast:.3g}); evaluating on {len(inp.eval_windows)} held-out windows")
-    ev = evaluate_all(teacher, inp.plan, out, inp.eval_windows, job.eval_batch_size, job.config.seed)
+    ev = evaluate_all(teacher, inp.plan, stage, inp.eval_windows, job.eval_batch_size, job.config.seed)
     ev["source"] = inp.eval_source
     ev["export_check"] = check.to_dict()
     ev["compression"] = meta["compression"]
     ev["packed_bytes"] = meta["packed_bytes"]
-    write_log(out, st["history"])
-    write_json_atomic(out / META, meta)
-    write_json_atomic(out / EVAL, ev)
+    write_log(stage, st["history"])
+    write_json_atomic(stage / META, meta)
+    write_json_atomic(stage / EVAL, ev)
+    publish(stage, out)
     (out / CHECKPOINT).unlink(missing_ok=True)
     say(f"teacher ppl {ev['teacher']['ppl']:.2f} | plan untrained {ev['ptq']['ppl']:.2f} | scaffold only "
         f"{ev['scaffold_only']['ppl']:.2f} | student {ev['student']['ppl']:.2f} "
