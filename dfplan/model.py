@@ -85,7 +85,8 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.empty(cfg.nheads, **fk))
         self.A_log = nn.Parameter(torch.empty(cfg.nheads, **fk))
         self.D = nn.Parameter(torch.empty(cfg.d_inner if cfg.D_has_hdim else cfg.nheads, **fk))
-        self.norm = GatedRMSNorm(cfg.d_inner, cfg.d_inner // cfg.ngroups, eps=1e-5,
+        # norm_epsilon, as transformers' layer_norm_epsilon (mamba_ssm: always 1e-5, = its default)
+        self.norm = GatedRMSNorm(cfg.d_inner, cfg.d_inner // cfg.ngroups, eps=cfg.norm_epsilon,
                                  norm_before_gate=cfg.norm_before_gate, **fk)
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.bias, **fk)
 

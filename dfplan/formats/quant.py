@@ -17,6 +17,7 @@ Conventions (see specs.py for the stored layouts):
 """
 from __future__ import annotations
 
+import contextlib
 from typing import NamedTuple
 
 import torch
@@ -257,6 +258,34 @@ def scaffold_fbi(S: torch.Tensor, col_scale: torch.Tensor, col_shift: torch.Tens
 
 # -- low-rank corrections ------------------------------------------------------------------
 
+_LOWRANK = {"method": "exact"}
+LOWRANK_METHODS = ("exact", "randomized")
+
+
+@contextlib.contextmanager
+def lowrank_method(method: str):
+    """Within the block, "svd" corrections start from `method`: "exact" (subspace iteration to
+    convergence, the default, for distillation) or "randomized" (torch.svd_lowrank with 2
+    power iterations: milliseconds per matrix, for packing artifacts for size/speed work)."""
+    if method not in LOWRANK_METHODS:
+        raise DfplanError(f"low-rank method {method!r} is not one of {', '.join(LOWRANK_METHODS)}")
+    old = _LOWRANK["method"]
+    _LOWRANK["method"] = method
+    try:
+        yield
+    finally:
+        _LOWRANK["method"] = old
+
+
+def _randomized_factors(r: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q = min(rank + 8, *r.shape)                                        # oversampled sketch
+    with torch.random.fork_rng(devices=[]):                            # seeded, global RNG untouched
+        torch.manual_seed(0)
+        U, S, V = torch.svd_lowrank(r, q=q, niter=2)                   # (m, q), (q,), (k, q)
+    root = S[:rank].sqrt()
+    return U[:, :rank] * root, (V[:, :rank] * root).T
+
+
 def lowrank_factors(residual: torch.Tensor, rank: int, init: str = "svd",
                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Float factors U (out, r), V (r, in) of the correction before quantisation."""
@@ -269,6 +298,8 @@ def lowrank_factors(residual: torch.Tensor, rank: int, init: str = "svd",
         return torch.zeros(out_f, rank, device=r.device), v
     if init != "svd":
         raise DfplanError(f"low-rank init {init!r} is not one of svd, zero")
+    if _LOWRANK["method"] == "randomized":
+        return _randomized_factors(r, rank)
     # top-r right singular vectors from the small Gram matrix: exact for the leading
     # components and ~10x cheaper than a full SVD of an (8512, 2048) matrix
     transpose = out_f < in_f

@@ -1,0 +1,110 @@
+"""Text on top of the decode loop: tokenize prompts, stream decoded text, stop strings.
+
+Streaming decodes the row's generated ids and emits the new suffix; text that could still
+change (a trailing U+FFFD from an unfinished UTF-8 sequence of a byte-level BPE) or that
+could be the start of a stop string is held back until it is settled, so the concatenated
+stream is exactly the non-streamed text.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from typing import Iterator
+
+import torch
+
+from ..errors import DfplanError
+
+
+def encode_prompts(tokenizer, prompts: list[str]) -> list[torch.Tensor]:
+    out = []
+    for i, p in enumerate(prompts):
+        if not isinstance(p, str):
+            raise DfplanError(f"prompt {i} is {type(p).__name__}, not a string")
+        ids = tokenizer.encode(p).ids
+        if not ids:
+            raise DfplanError(f"prompt {i} ({p[:40]!r}) tokenizes to nothing; give at least one token of text")
+        out.append(torch.tensor(ids, dtype=torch.int64))
+    return out
+
+
+def cut_at_stop(text: str, stops: tuple[str, ...]) -> tuple[str, bool]:
+    """(text up to the earliest stop string, whether one occurred)."""
+    cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+    return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+def settled_length(text: str, stops: tuple[str, ...]) -> int:
+    """How much of `text` can be emitted now: not a trailing U+FFFD, not a possible stop prefix."""
+    n = len(text)
+    while n and text[n - 1] == "\ufffd":
+        n -= 1
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, n), 0, -1):
+            if text[n - k:n] == s[:k]:
+                hold = max(hold, k)
+                break
+    return n - hold
+
+
+class TextTracker:
+    """Per-row decoded text during generation; stops rows at stop strings."""
+
+    def __init__(self, tokenizer, batch: int, stops: tuple[str, ...], stream_row: int | None = None,
+                 emit=None):
+        self.tok, self.stops = tokenizer, stops
+        self.ids = [[] for _ in range(batch)]
+        self.stopped = [False] * batch
+        self.texts = [""] * batch
+        self.emitted = 0
+        self.stream_row, self.emit = stream_row, emit
+
+    def __call__(self, nxt: torch.Tensor, t: int) -> bool:
+        vals = nxt.tolist()
+        for i, v in enumerate(vals):
+            if self.stopped[i]:
+                continue
+            self.ids[i].append(v)
+            text = self.tok.decode(self.ids[i])
+            if self.stops:
+                text, hit = cut_at_stop(text, self.stops)
+                self.stopped[i] = hit
+            self.texts[i] = text
+            if i == self.stream_row and self.emit is not None:
+                upto = len(text) if self.stopped[i] else settled_length(text, self.stops)
+                if upto > self.emitted:
+                    self.emit(text[self.emitted:upto])
+                    self.emitted = upto
+        return bool(self.stops) and all(self.stopped)
+
+    def flush(self, final_text: str) -> None:
+        if self.emit is not None and len(final_text) > self.emitted:
+            self.emit(final_text[self.emitted:])
+            self.emitted = len(final_text)
+
+
+def stream_in_thread(run) -> Iterator[str]:
+    """Run run(emit) in a thread and yield what it emits, as it is emitted."""
+    q: queue.Queue = queue.Queue()
+    done = object()
+    err: list = []
+
+    def target():
+        try:
+            run(q.put)
+        except BaseException as e:      # re-raised in the consumer
+            err.append(e)
+        finally:
+            q.put(done)
+
+    th = threading.Thread(target=target, daemon=True)
+    th.start()
+    while True:
+        item = q.get()
+        if item is done:
+            break
+        yield item
+    th.join()
+    if err:
+        raise err[0]
