@@ -21,6 +21,8 @@ SUBCOMMANDS = {
     "search": "Choose per-layer formats under a memory budget.",
     "distill": "Distill a plan into a packed DF-SSM student.",
     "eval": "Perplexity and zero-shot accuracy of a model or packed artifact.",
+    "generate": "Generate text from any loadable model, streamed to stdout.",
+    "pack": "Write a packed artifact from a plan or layout (no distillation).",
     "bench": "Latency, memory and size benchmarks.",
     "report": "Render a run directory into markdown and plots.",
     "probe": "Knowledge-organisation probe across depth.",
