@@ -312,10 +312,14 @@ def train(teacher: torch.nn.Module, plan, tokens: np.ndarray, split: WindowSplit
     except KeyboardInterrupt:
         if opt is not None and state["step"] > 0:
             ckpt.save(student, opt, sampler, sched.stage(state["step"] - 1), state)
-            say(f"interrupted: checkpoint at step {state['step']} saved; rerun with --resume")
+            say(f"interrupted: checkpoint at step {state['step']} saved in {ckpt.path}; the same "
+                "command with --resume continues it")
         bar.close()
         raise
     bar.close()
+    if steps_here and opt is not None:
+        # the finished state on disk: a run killed during export resumes here, not mid-training
+        ckpt.save(student, opt, sampler, sched.stage(sched.total - 1), state)
     set_phase(student, sched.phase(sched.total - 1), 1.0)
     student.eval()
     if rank == 0 and state["history"]:
