@@ -6,7 +6,6 @@ import torch
 import dfplan
 from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
-from dfplan.formats.layouts import layout_plan
 from dfplan.loading import save_hf, save_mamba_ssm
 from dfplan.model import build_model
 from dfplan.runtime.api import Model

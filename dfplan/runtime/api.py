@@ -257,7 +257,7 @@ def load(path_or_id, *, tokenizer=None, dtype: torch.dtype | None = None, device
         module, tok = load_model(src, dtype=dtype, device=device)
     if tokenizer is not None:
         from ..tokenizer import check_vocab, load_tokenizer
-        tok = load_tokenizer(tokenizer) if not hasattr(tokenizer, "encode") else tokenizer
+        tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         check_vocab(tok, module.config)
     return Model(module, tok, source=src, state_dtype=state_dtype, cuda_graph=cuda_graph,
                  prefill_chunk=prefill_chunk)

@@ -1,0 +1,71 @@
+"""`dfplan generate` as a library function: validate everything cheap first, load, stream."""
+from __future__ import annotations
+
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import TextIO
+
+from ..errors import DfplanError
+from .sampling import Sampling
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size of this process (Linux reports ru_maxrss in KiB)."""
+    r = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return r if sys.platform == "darwin" else r * 1024
+
+
+def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
+    if (prompt is None) == (prompt_file is None):
+        raise DfplanError("pass exactly one of --prompt TEXT or --prompt-file FILE")
+    if prompt is not None:
+        return prompt
+    p = Path(prompt_file)
+    try:
+        return p.read_text()
+    except FileNotFoundError:
+        raise DfplanError(f"prompt file {p} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DfplanError(f"cannot read prompt file {p}: {e}") from None
+
+
+def check_tokenizer_available(model_arg: str, tokenizer: str | None) -> None:
+    """A local model folder without tokenizer.json fails here, before any weights load."""
+    d = Path(model_arg).expanduser()
+    if tokenizer is None and (d.is_dir() or model_arg.startswith("preset:")) \
+            and not (d / "tokenizer.json").exists():
+        raise DfplanError(f"{model_arg} has no tokenizer.json; pass --tokenizer with a tokenizer.json "
+                          "file, a folder holding one, or a hub id (e.g. --tokenizer "
+                          "../shared/data/tokenizers/gpt-neox-20b/20B_tokenizer.json for state-spaces models)")
+
+
+def generate_to(out: TextIO, model_arg: str, prompt: str, *, tokenizer: str | None = None,
+                max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
+                top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] = (),
+                state_dtype: str = "fp32", stream: bool = True, device: str | None = None,
+                eos: bool = True) -> dict:
+    """Write the generated text to `out` (piece by piece when streaming); returns stats."""
+    if isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
+        raise DfplanError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
+    Sampling(temperature, top_k, top_p)                       # bad options fail before loading
+    check_tokenizer_available(model_arg, tokenizer)
+    from .api import load
+
+    t0 = time.perf_counter()
+    m = load(model_arg, tokenizer=tokenizer, device=device, state_dtype=state_dtype)
+    load_s = time.perf_counter() - t0
+    kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+              seed=seed, stop=list(stop) or None, eos=eos)
+    if stream:
+        for piece in m.generate_text(prompt, stream=True, **kw):
+            out.write(piece)
+            out.flush()
+    else:
+        out.write(m.generate_text(prompt, **kw))
+    out.write("\n")
+    out.flush()
+    st = m.last_stats
+    return {"model": model_arg, "load_s": load_s, **st.to_json(), "state_dtype": state_dtype,
+            "peak_rss_bytes": peak_rss_bytes()}
