@@ -76,9 +76,20 @@ def main(argv=None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except click.UsageError as e:
+        # one line like every other user error: name the command and the problem
+        where = f"dfplan {e.ctx.command_path.partition(' ')[2]}".strip() if e.ctx else "dfplan"
+        click.echo(f"error: {where}: {e.format_message()} (see {where} --help)", err=True)
+        return 2
     except click.ClickException as e:
-        e.show()
-        return e.exit_code
+        click.echo(f"error: {e.format_message()}", err=True)
+        return 2 if e.exit_code == 1 else e.exit_code
+    except OSError as e:
+        # the machine refused a read or write the checks could not foresee (disk full, a folder
+        # removed under us): the user can act on it, a traceback would not help
+        name = f" {e.filename}" if e.filename else ""
+        click.echo(f"error: cannot access{name}: {e.strerror or e}", err=True)
+        return 2
     except click.exceptions.Exit as e:
         return e.exit_code
     return 0
