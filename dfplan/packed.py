@@ -18,7 +18,6 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import os
-import platform
 from pathlib import Path
 
 import torch
@@ -32,6 +31,7 @@ from .formats.plan import Plan
 from .formats.size import layout_bytes, packed_layout
 from .formats.specs import Keep
 from .formats.units import compressible_units
+from .model import build_model
 from .provenance import git_commit, library_versions
 
 PACKED_FORMAT = "dfplan-packed"
@@ -192,8 +192,6 @@ def load_packed(path: str | os.PathLike, dtype: torch.dtype | None = None, devic
     """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from .model import build_model
 
     d = Path(path)
     m = verify_packed(d) if verify else read_manifest(d)

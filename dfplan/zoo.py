@@ -24,14 +24,24 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from .config import Mamba2Config
-from .corpus import resolve_corpus, read_texts
+from .corpus import read_texts, resolve_corpus
 from .data import EpochSampler, evenly_spaced, gather, load_tokens, split_windows, unigram_ppl
 from .errors import DfplanError
-from .provenance import git_commit
+from .evaluate import perplexity
 from .fileio import atomic_path, write_json_atomic, write_text_atomic
+from .loading import save_mamba_ssm
 from .lr import lr_factor
-from .tokenizer import (TOKENIZER_FILE, check_vocab, fingerprint, load_tokenizer,
-                        save_tokenizer, train_bpe, vocab_size_of)
+from .model import build_model
+from .provenance import git_commit
+from .tokenizer import (
+    TOKENIZER_FILE,
+    check_vocab,
+    fingerprint,
+    load_tokenizer,
+    save_tokenizer,
+    train_bpe,
+    vocab_size_of,
+)
 
 CHECKPOINT = "checkpoint.pt"
 META = "zoo.json"
@@ -144,10 +154,6 @@ def train_teacher(tc: TrainConfig, say: Callable[[str], None] = print, progress:
     `progress` None shows the bar only on a terminal; `on_step(step)` runs after every
     finished step (a KeyboardInterrupt raised there checkpoints and stops cleanly).
     """
-    from .evaluate import perplexity
-    from .loading import save_mamba_ssm
-    from .model import build_model
-
     tc = tc.resolved()
     out = Path(tc.out)
     if (out / META).is_file():
@@ -311,7 +317,6 @@ class TeacherInfo:
 
 
 def preset_rows() -> list[dict]:
-    from .model import build_model
     rows = []
     for name in TEACHER_PRESETS:
         cfg = Mamba2Config.preset(name)

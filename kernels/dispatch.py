@@ -2,7 +2,7 @@
 
 Backends:
 - "cpu":    C++ kernels (kernels/cpu.py). x is quantized per token to int8 for the sign
-            product (see kernels/ref.py act_quant); corrections, shifts and bias stay fp32.
+            product (see kernels/linear_ref.py act_quant); corrections, shifts and bias stay fp32.
 - "triton": GPU kernels (kernels/triton_linear.py), fp32 accumulation, no activation quantization.
 - "ref":    pure torch, dequantize then F.linear (the exact maths of the formats).
 
@@ -17,9 +17,9 @@ import os
 import torch
 
 from .errors import KernelError
-
-from . import ref
+from .linear_ref import binary_linear_ref, int8_linear_ref
 from .packing import packed_cols
+from .step_ref import mamba2_step_ref
 
 MODES = ("auto", "ref", "cpu", "triton")
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -247,7 +247,7 @@ def binary_linear(x, bits, row_scale, in_features, *, col_scale=None, col_shift=
               v_scale=v_scale, bias=bias)
     be = select_backend(x, backend)
     if be == "ref" or _needs_grad(x, row_scale, col_scale, col_shift, u_scale, v_scale, bias):
-        return ref.binary_linear_ref(x, bits, row_scale, in_features, **kw)
+        return binary_linear_ref(x, bits, row_scale, in_features, **kw)
     if be == "cpu":
         y = _impl("binary_linear_cpu")(_as_rows(x, in_features, torch.float32), bits, row_scale,
                                        in_features, **kw)
@@ -262,7 +262,7 @@ def int8_linear(x, qweight, scale, bias=None, *, backend: str | None = None):
     check_int8_args(x, qweight, scale, bias)
     be = select_backend(x, backend)
     if be == "ref" or _needs_grad(x, scale, bias):
-        return ref.int8_linear_ref(x, qweight, scale, bias)
+        return int8_linear_ref(x, qweight, scale, bias)
     if be == "cpu":
         y = _impl("int8_linear_cpu")(_as_rows(x, qweight.shape[1], torch.float32), qweight, scale,
                                      bias)
@@ -332,4 +332,4 @@ def mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, 
         if zxbcdt.stride(-1) != 1:
             zxbcdt = zxbcdt.contiguous()
         return _impl("mamba2_step_triton")(zxbcdt, *args[1:], norm_before_gate=norm_before_gate)
-    return ref.mamba2_step_ref(*args, norm_before_gate=norm_before_gate)
+    return mamba2_step_ref(*args, norm_before_gate=norm_before_gate)

@@ -5,7 +5,7 @@ Three launches, no host synchronisation, fixed shapes: capturable in a CUDA grap
   2. ssm:  per (token, head, block of headdim rows) h = exp(dt A) h + dt x B^T, y = h C + D x,
            times silu(z) (norm_before_gate=False);
   3. norm: RMSNorm per SSM group, times the norm weight.
-Same maths as kernels.ref.mamba2_step_ref, fp32 inside.
+Same maths as kernels.step_ref.mamba2_step_ref, fp32 inside.
 """
 from __future__ import annotations
 
@@ -96,7 +96,7 @@ def _norm_kernel(y_ptr, zx_ptr, w_ptr, out_ptr, d_inner, gs, eps, stride_zx,
 def mamba2_step_triton(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
                        norm_weight, eps, ngroups, headdim, d_state, *,
                        norm_before_gate: bool = False) -> torch.Tensor:
-    """Same arguments and result as kernels.ref.mamba2_step_ref; states updated in place.
+    """Same arguments and result as kernels.step_ref.mamba2_step_ref; states updated in place.
 
     zxbcdt (B, d_in_proj) with unit last stride; conv_state, ssm_state, weights contiguous.
     """

@@ -19,6 +19,15 @@ import time
 from pathlib import Path
 
 from dfplan.fileio import write_json_atomic, write_text_atomic
+from dfplan.loading import load_config
+from dfplan.sizes import parse_bytes
+
+from .milp import pareto_front, solve
+from .optuna_search import run_search
+from .run import SearchOptions, measured_evaluator
+from .space import build_space
+from .surrogate import fit_correction, load_surrogate, tracking
+from .uniform import uniform_allocations
 
 
 def run_benchmark(model: str, sensitivity: str, corpus: list[str], out: str, trials: int = 200,
@@ -26,20 +35,12 @@ def run_benchmark(model: str, sensitivity: str, corpus: list[str], out: str, tri
                   say=print) -> dict:
     from tabulate import tabulate
 
-    from dfplan.loading import load_config
-    from .milp import pareto_front, solve
-    from .optuna_search import run_search
-    from .run import SearchOptions, _measured_evaluator
-    from .space import build_space
-    from .surrogate import fit_correction, load_surrogate, tracking
-    from .uniform import uniform_allocations
-
     cfg = load_config(model)
     sur = load_surrogate(sensitivity, cfg)
     space = build_space(cfg, sur.candidates())
     opts = SearchOptions(model=model, budget=1, out=out, corpus=tuple(corpus), heldout_windows=heldout,
                          seq_len=seq_len, seed=seed)
-    ev, info = _measured_evaluator(opts, cfg, space, sur)
+    ev, info = measured_evaluator(opts, cfg, space, sur)
     say(f"{cfg.name}: {len(space.units)} units; held-out {info['windows']} x {info['seq_len']} tokens")
 
     rows = []
@@ -117,7 +118,6 @@ def main(argv=None) -> int:
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
-    from .budget import parse_bytes
     res = run_benchmark(a.model, a.sensitivity, a.corpus, a.out, a.trials,
                         parse_bytes(a.budget) if a.budget else None, a.heldout_windows, a.seq_len, a.seed)
     print(json.dumps({k: res[k] for k in ("config", "front_s", "tracking")}, indent=1))

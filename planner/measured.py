@@ -12,6 +12,7 @@ analyzer's fraction (10%) and seed, so they never overlap its calibration window
 from __future__ import annotations
 
 import copy
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -19,7 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from dfplan.errors import DfplanError
+from dfplan.formats.apply import apply_plan, round_to_storage_
+from dfplan.formats.modules import module_for
+from dfplan.formats.plan import Plan, model_signature
+
 from .space import SearchSpace
+
 
 @dataclass
 class MeasuredKL:
@@ -58,16 +64,13 @@ class MeasuredKL:
         """The module apply_plan would put at `unit` for `spec`, built once per (unit, spec):
         trials revisit the same formats constantly and quantising (clip search, SVD) is the
         expensive part of a trial."""
-        from dfplan.formats.apply import _round_
-        from dfplan.formats.modules import module_for
-
         key = (unit.name, spec.name)
         if key not in self._modules:
             src = self.teacher.get_submodule(unit.name)
             cls = module_for(spec, unit.kind)
             if cls is None:                      # Keep: the float module, values rounded
                 mod = copy.deepcopy(src)
-                _round_(mod.weight, getattr(torch, spec.torch_dtype_name))
+                round_to_storage_(mod.weight, getattr(torch, spec.torch_dtype_name))
             else:
                 mod = cls.from_float(src.weight, spec, bias=getattr(src, "bias", None),
                                      generator=torch.Generator().manual_seed(0))
@@ -77,8 +80,6 @@ class MeasuredKL:
     def student(self, assignment) -> torch.nn.Module:
         """The teacher under `assignment`: one shared model whose units are swapped per call
         (fixed tensors rounded to the plan default once, as apply_plan does)."""
-        from dfplan.formats.apply import apply_plan
-
         if self._student is None:
             base = copy.deepcopy(self.teacher)
             apply_plan(base, Plan(specs={}, default=self.space.default, model=model_signature(self.space.cfg)))
@@ -91,7 +92,6 @@ class MeasuredKL:
         return self._student
 
     def __call__(self, assignment) -> float:
-        import time
         t0 = time.perf_counter()
         v = self.kl(self.student(assignment))
         self.calls += 1

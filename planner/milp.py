@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from dfplan.errors import DfplanError
+
 from .space import SearchSpace
 from .surrogate import Surrogate
 

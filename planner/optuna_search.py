@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 from dfplan.errors import DfplanError
+
 from .space import SearchSpace
 from .surrogate import Surrogate
 
@@ -76,13 +77,13 @@ class SearchResult:
     def summary(self) -> dict:
         b = self.best
         return {"sampler": self.sampler, "objective": self.objective, "study": self.study_name,
-                "storage": _redact(self.storage), "n_trials": self.n_trials, "n_new": self.n_new,
+                "storage": redact_url(self.storage), "n_trials": self.n_trials, "n_new": self.n_new,
                 "n_feasible": sum(t.feasible for t in self.trials), "seconds": round(self.seconds, 3),
                 "best": None if b is None else {"trial": b.number, "bytes": b.total_bytes, "kl": b.value,
                                                  "predicted_kl": b.predicted_kl, "measured": b.measured}}
 
 
-def _redact(url: str) -> str:
+def redact_url(url: str) -> str:
     """Hide a password in an RDB URL before it goes into a plan or a log."""
     if "://" in url and "@" in url:
         scheme, rest = url.split("://", 1)
@@ -132,7 +133,7 @@ def open_storage(url: str):
             _fast_sqlite(st.engine)
         return st
     except Exception as e:   # sqlalchemy DatabaseError, ArgumentError, version mismatch, ...
-        raise DfplanError(f"cannot open the study storage {_redact(url)}: {_first_line(e)}; if it is a "
+        raise DfplanError(f"cannot open the study storage {redact_url(url)}: {_first_line(e)}; if it is a "
                           f"corrupt study.db, delete it (the search starts over) or pass another --storage") from None
 
 
@@ -215,7 +216,7 @@ def run_search(space: SearchSpace, sur: Surrogate, budget: int, *, sampler: str 
             study.enqueue_trial(params, skip_if_exists=True)
         done = len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
     except Exception as e:
-        raise DfplanError(f"study {name} in {_redact(storage)} is unreadable: {_first_line(e)}; delete it "
+        raise DfplanError(f"study {name} in {redact_url(storage)} is unreadable: {_first_line(e)}; delete it "
                           f"or pass another --storage") from None
 
     cache: dict[tuple, float] = {}
@@ -257,7 +258,7 @@ def run_search(space: SearchSpace, sur: Surrogate, budget: int, *, sampler: str 
         except Exception as e:
             import sqlalchemy.exc
             if isinstance(e, sqlalchemy.exc.SQLAlchemyError):
-                raise DfplanError(f"study storage {_redact(storage)} failed: {_first_line(e)}") from None
+                raise DfplanError(f"study storage {redact_url(storage)} failed: {_first_line(e)}") from None
             raise
         finally:
             bar.close()

@@ -34,6 +34,7 @@ from __future__ import annotations
 from dfplan.config import Mamba2Config
 from dfplan.formats.specs import DEFAULT_CANDIDATES, Binary, IntN, Keep, Spec
 from dfplan.formats.units import Unit, compressible_units
+
 from .space import candidate_specs
 from .surrogate import Surrogate
 

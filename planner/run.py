@@ -18,15 +18,24 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
+from dfplan.data import heldout_windows, load_tokens
 from dfplan.errors import DfplanError
-from dfplan.provenance import git_commit, library_versions
-from .budget import format_bytes, parse_bytes
-from .milp import pareto_front, solve
-from .optuna_search import SAMPLERS, _redact, run_search
+from dfplan.fileio import write_text_atomic
 from dfplan.formats.plan import Plan
+from dfplan.loading import load_config, load_model
+from dfplan.provenance import git_commit, library_versions
+from dfplan.sizes import format_bytes, parse_bytes
+from dfplan.tokenizer import check_vocab, load_tokenizer
+
+from .measured import MeasuredKL
+from .milp import pareto_front, solve
+from .optuna_search import SAMPLERS, redact_url, run_search
 from .prior import NOTE as PRIOR_NOTE
 from .prior import prior_surrogate
 from .space import build_space
+from .summary import render_summary, write_front_csv
 from .surrogate import fit_correction, load_surrogate, tracking
 from .uniform import uniform_allocations
 
@@ -93,14 +102,7 @@ def _scores(o: SearchOptions, cfg, out: Path):
     return load_surrogate(table, cfg)
 
 
-def _measured_evaluator(o: SearchOptions, cfg, space, sur):
-    from dfplan.data import load_tokens
-    from dfplan.loading import load_model
-    from dfplan.tokenizer import check_vocab, load_tokenizer
-    from dfplan.data import heldout_windows
-
-    from .measured import MeasuredKL
-
+def measured_evaluator(o: SearchOptions, cfg, space, sur):
     model, tok = load_model(o.model)
     model = model.float()
     if o.tokenizer:
@@ -122,8 +124,6 @@ def _measured_evaluator(o: SearchOptions, cfg, space, sur):
 def _validate_plans(space, sur, evaluator, chosen, front, uniforms, k: int, say) -> list[dict]:
     """Measure the chosen plan plus up to k - 1 others, half from the MILP front and half
     uniform allocations, spread by bytes; -> rows with additive and measured KL."""
-    import numpy as np
-
     def spread(items, n):
         if n <= 0 or not items:
             return []
@@ -148,9 +148,6 @@ def _validate_plans(space, sur, evaluator, chosen, front, uniforms, k: int, say)
 
 def search(o: SearchOptions, say=print) -> Plan:
     """Run the search described by `o`; writes OUT/plan.json, plan.md, pareto.csv; -> the Plan."""
-    from dfplan.loading import load_config
-    from .summary import render_summary, write_front_csv
-
     t0 = time.perf_counter()
     budget = _validate(o)
     out = Path(o.out)
@@ -166,7 +163,7 @@ def search(o: SearchOptions, say=print) -> Plan:
 
     evaluator, measured_info = None, {}
     if o.objective == "measured" or o.validate:
-        evaluator, measured_info = _measured_evaluator(o, cfg, space, sur)
+        evaluator, measured_info = measured_evaluator(o, cfg, space, sur)
 
     milp = solve(space, sur, budget, time_limit=o.time_limit)
     say(f"milp: {format_bytes(milp.total_bytes)}, predicted KL {milp.predicted_kl:.6g} "
@@ -188,7 +185,7 @@ def search(o: SearchOptions, say=print) -> Plan:
                              objective=o.objective, evaluator=evaluator, warm_starts=warm, seed=o.seed,
                              progress=o.progress)
         except KeyboardInterrupt:
-            say(f"interrupted: the {s} study in {_redact(storage)} keeps its finished trials; "
+            say(f"interrupted: the {s} study in {redact_url(storage)} keeps its finished trials; "
                 f"rerun the same command to resume it")
             raise
         runs[s] = res
@@ -242,7 +239,7 @@ def search(o: SearchOptions, say=print) -> Plan:
         "solver_requested": o.solver,
         "milp": milp.to_dict(),
         "optuna": {k: r.summary() for k, r in runs.items()},
-        "storage": _redact(storage) if runs else None,
+        "storage": redact_url(storage) if runs else None,
         "correction": corr_info, "measured": measured_info or None, "validation": validation or None,
         "measured_kl": chosen_kl_measured,
         "space": {"units": len(space.units), "choices": sum(len(u.specs) for u in space.units),
@@ -256,7 +253,6 @@ def search(o: SearchOptions, say=print) -> Plan:
     out.mkdir(parents=True, exist_ok=True)
     plan.to_json(out / "plan.json")
     write_front_csv(out / "pareto.csv", front, sur)
-    from dfplan.fileio import write_text_atomic
     write_text_atomic(out / "plan.md", render_summary(plan, space, sur, milp, front, uniforms, runs, budget,
                                                       evaluator_info=measured_info))
     say(f"wrote {out / 'plan.json'}: {format_bytes(nbytes)}, predicted KL {plan.predicted_kl:.6g}"

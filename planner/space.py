@@ -10,14 +10,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Iterable, Mapping, Sequence
 
-
 from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
+from dfplan.formats.plan import Plan, model_signature
 from dfplan.formats.size import plan_bytes
 from dfplan.formats.specs import DEFAULT_CANDIDATES, Keep, Spec
 from dfplan.formats.units import Unit, allowed_specs, compressible_units
-from .budget import format_bytes
-from dfplan.formats.plan import Plan, model_signature
+from dfplan.sizes import format_bytes
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,8 @@ from pathlib import Path
 from tabulate import tabulate
 
 from dfplan.fileio import atomic_path
-from .budget import format_bytes
+from dfplan.sizes import format_bytes
+
 from .milp import solve
 
 

@@ -14,6 +14,7 @@ averaged; tiny negative KL from float noise is clipped to 0.
 """
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ import numpy as np
 
 from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
+from dfplan.fileio import sha256_file
 from dfplan.formats.specs import Keep, Spec, parse_spec
 from dfplan.formats.units import compressible_units
 
@@ -182,10 +184,6 @@ def check_provenance(prov: dict, cfg: Mamba2Config, where: str) -> None:
 
 def load_surrogate(path: str | Path, cfg: Mamba2Config) -> Surrogate:
     """Read, validate and average a sensitivity table (+ its sensitivity.json provenance)."""
-    import json
-
-    from dfplan.fileio import sha256_file
-
     path = Path(path)
     df = load_table(path)
     prov_path = path.with_suffix(".json")

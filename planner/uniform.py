@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from dfplan.formats.units import HEAD_KINDS
+
 from .space import SearchSpace
 from .surrogate import Surrogate
 

@@ -16,6 +16,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dfplan.formats.quant import fake_quant
+from dfplan.formats.units import unit_index
 
 from .cache import TeacherCache, stream_into
 from .jobs import AnalyzerConfig, Job, job_seed, plan_jobs, shard, spec_groups
@@ -202,7 +203,6 @@ def run_local(model, windows, cfg: AnalyzerConfig = AnalyzerConfig(), store=None
 def compressed(model, assignment: dict, seed: int = 0):
     """Context manager: the model with each {unit name: spec} compressed at once (the same
     quantised weights the analyzer scores), restored on exit."""
-    from dfplan.formats.units import unit_index
     index = unit_index(model.config)
     reps = {}
     for name, spec in assignment.items():

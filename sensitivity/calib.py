@@ -11,7 +11,7 @@ import numpy as np
 
 from dfplan.data import VALID_FRACTION, gather, load_tokens, split_windows
 from dfplan.errors import DfplanError
-
+from dfplan.tokenizer import check_vocab
 
 
 def calibration_windows(tokens: np.ndarray, n: int, seq_len: int, seed: int = 0,
@@ -33,6 +33,5 @@ def calibration_windows(tokens: np.ndarray, n: int, seq_len: int, seed: int = 0,
 
 def corpus_tokens(corpus, tok, cfg):
     """Tokenize (cached) and check the ids fit the model -> TokenStream."""
-    from dfplan.tokenizer import check_vocab
     check_vocab(tok, cfg)
     return load_tokens(list(corpus) if not isinstance(corpus, str) else corpus, tok)

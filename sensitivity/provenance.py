@@ -4,7 +4,6 @@ from __future__ import annotations
 import hashlib
 import json
 import platform
-import sys
 
 import numpy as np
 import torch

@@ -6,12 +6,13 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dfplan.errors import DfplanError
-
 from dfplan import distributed as D
-from .analyzer import SensitivityResult, analyze, auto_batch_tokens, merge
 from dfplan.data import VALID_FRACTION
+from dfplan.errors import DfplanError
+from dfplan.loading import load_any, load_model
+from dfplan.tokenizer import load_tokenizer
 
+from .analyzer import SensitivityResult, analyze, auto_batch_tokens, merge
 from .calib import calibration_windows, corpus_tokens
 from .jobs import AnalyzerConfig, parse_candidates
 from .provenance import config_hash, git_commit, model_fingerprint, versions, windows_hash
@@ -42,7 +43,6 @@ class RunOptions:
 
 
 def load_teacher(model_arg: str, random_init: bool = False, seed: int = 0, device: str = "cpu"):
-    from dfplan.loading import load_any, load_model
     if random_init:
         return load_model(model_arg, random_init=True, seed=seed, device=device)
     model, tok = load_any(model_arg, device=device)
@@ -50,7 +50,6 @@ def load_teacher(model_arg: str, random_init: bool = False, seed: int = 0, devic
 
 
 def load_text_tokenizer(tok, tokenizer_arg: str | None, model_arg: str):
-    from dfplan.tokenizer import load_tokenizer
     if tokenizer_arg:
         return load_tokenizer(tokenizer_arg)
     if tok is None:

@@ -21,13 +21,18 @@ import pandas as pd
 from scipy.stats import spearmanr
 from tqdm.auto import tqdm
 
+from dfplan.data import VALID_FRACTION, heldout_windows
 from dfplan.errors import DfplanError
 from dfplan.evaluate import perplexity
+from dfplan.fileio import write_json_atomic, write_text_atomic
 from dfplan.formats.specs import parse_spec
 from dfplan.formats.units import unit_index
 
 from .analyzer import compressed
+from .calib import corpus_tokens
 from .metrics import METRICS, damage
+from .run import load_teacher, load_text_tokenizer
+from .table import read_provenance, read_table
 
 RANKERS = (*METRICS, "random")
 
@@ -185,14 +190,6 @@ class ValidateOptions:
 
 def run_validation(opts: ValidateOptions) -> dict:
     import torch
-
-    from dfplan.fileio import write_json_atomic, write_text_atomic
-
-    from dfplan.data import VALID_FRACTION, heldout_windows
-
-    from .calib import corpus_tokens
-    from .run import load_teacher, load_text_tokenizer
-    from .table import read_provenance, read_table
 
     if not str(opts.out).lower().endswith(".json"):
         raise DfplanError(f"--out {opts.out} must name a .json file (the markdown table goes beside it)")

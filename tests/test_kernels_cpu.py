@@ -4,9 +4,8 @@ import shutil
 import pytest
 import torch
 
-from dfplan.kernels import cpu
+from dfplan.kernels import binary_linear_ref, cpu, int8_linear_ref, quantize_activations_ref
 from dfplan.kernels.packing import pack_signs
-from dfplan.kernels.ref import binary_linear_ref, int8_linear_ref, quantize_activations_ref
 
 
 def _ext_or_skip():
@@ -155,7 +154,7 @@ def test_activation_quantization_error_is_bounded():
 @pytest.mark.parametrize("ngroups,d_per_channel,gate_first,conv_bias",
                          [(1, False, False, True), (2, True, False, False), (2, False, True, True)])
 def test_fused_step_matches_reference(isas, ngroups, d_per_channel, gate_first, conv_bias):
-    from dfplan.kernels.ref import mamba2_step_ref
+    from dfplan.kernels.step_ref import mamba2_step_ref
     g = gen(ngroups * 10 + d_per_channel)
     Bsz, H, P, N, d_conv = 3, 4, 12, 20, 4      # N not a multiple of 8: vector tails
     d_inner, conv_dim = H * P, H * P + 2 * ngroups * N

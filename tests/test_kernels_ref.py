@@ -6,8 +6,14 @@ import torch.nn.functional as F
 from dfplan.formats import quant
 from dfplan.formats.modules import BinaryLinear, IntNEmbedding, IntNLinear
 from dfplan.formats.specs import parse_spec
-from dfplan.kernels.ref import (binary_linear_ref, int8_linear_ref, intn_embedding_ref,
-                                intn_linear_ref, mamba2_step_ref, quantize_activations_ref)
+from dfplan.kernels import (
+    binary_linear_ref,
+    int8_linear_ref,
+    intn_embedding_ref,
+    intn_linear_ref,
+    mamba2_step_ref,
+    quantize_activations_ref,
+)
 
 
 def gen(seed):

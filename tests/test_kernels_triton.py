@@ -9,8 +9,8 @@ import torch
 
 pytest.importorskip("triton")
 
+from dfplan.kernels import binary_linear_ref, int8_linear_ref, mamba2_step_ref  # noqa: E402
 from dfplan.kernels.packing import pack_signs  # noqa: E402
-from dfplan.kernels.ref import binary_linear_ref, int8_linear_ref, mamba2_step_ref  # noqa: E402
 
 CASES = Path(__file__).with_name("test_kernels_triton_cases.py")
 

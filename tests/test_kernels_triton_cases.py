@@ -16,10 +16,10 @@ import torch  # noqa: E402
 
 pytest.importorskip("triton")
 
+from dfplan.kernels import binary_linear_ref, int8_linear_ref, mamba2_step_ref  # noqa: E402
 from dfplan.kernels import triton_linear as tlin  # noqa: E402
 from dfplan.kernels import triton_step as tstep  # noqa: E402
 from dfplan.kernels.packing import pack_signs  # noqa: E402
-from dfplan.kernels.ref import binary_linear_ref, int8_linear_ref, mamba2_step_ref  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -112,7 +112,7 @@ def test_generate_uses_cache_consistently(tiny_model):
 @pytest.mark.parametrize("overrides", [{}, {"ngroups": 2, "D_has_hdim": True}])
 def test_fused_decode_step_equals_reference_twin(tiny_cfg, overrides):
     """model.step goes through dfplan.kernels (fused C++ on CPU); mamba2_step_ref is plain torch."""
-    from dfplan.kernels.ref import mamba2_step_ref
+    from dfplan.kernels.step_ref import mamba2_step_ref
     cfg = tiny_cfg.replace(**overrides)
     model = build_model(cfg, seed=0).eval()
     mixer = model.backbone.layers[1].mixer

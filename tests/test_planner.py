@@ -12,7 +12,7 @@ from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
 from dfplan.formats.size import plan_bytes
 from dfplan.formats.specs import Binary, IntN
-from dfplan.planner.budget import format_bytes, parse_bytes
+from dfplan.sizes import format_bytes, parse_bytes
 from dfplan.planner.milp import pareto_front, solve
 from dfplan.planner.prior import NOTE, prior_surrogate
 from dfplan.planner.space import build_space

@@ -53,7 +53,8 @@ def command(teacher, plan_arg, corpus, tokens, out, glob_, tokenizer, seq_len, b
             ce_weight, temperature, train_norms, checkpoint_every, eval_corpus, eval_windows, eval_seq_len,
             seed, device, threads, resume):
     from ..distill.losses import LossConfig
-    from ..distill.run import DistillJob, parse_count, run_distill
+    from ..distill.run import DistillJob, run_distill
+    from ..sizes import parse_count
     from ..distill.trainer import DistillConfig
     from ..distributed import init_from_env
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from dfplan.kernels.packing import pack_signs
+
 from ..formats import quant
 from ..formats.specs import Binary, IntN
 
@@ -226,7 +228,6 @@ class QATBinaryLinear(QATLinear):
     @torch.no_grad()
     def payload(self) -> dict[str, torch.Tensor]:
         """The stored tensors of the "final" forward: same signs, fp16 scales, integer factors."""
-        from dfplan.kernels.packing import pack_signs
         if not self.stage2:
             raise RuntimeError("payload() needs stage 2 (begin_correction) first")
         out = {"bits": pack_signs(self.signs.float())}
@@ -242,8 +243,6 @@ class QATBinaryLinear(QATLinear):
                        v=quant.pack_intn(lr.v, b, True), v_scale=lr.v_scale)
         return out
 
-
-QAT_TYPES = (QATBinaryLinear, QATIntNLinear)
 
 
 def qat_modules(model: nn.Module) -> list[tuple[str, QATLinear]]:

@@ -39,18 +39,7 @@ CHECKPOINT = "checkpoint.pt"
 STAGING = ".export"        # the packed student, eval.json and distill.json before publish()
 EVAL = "eval.json"
 META = "distill.json"
-_COUNT_RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGbB]?)\s*$")
-_MULT = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 
-
-def parse_count(text) -> int:
-    """"2M" -> 2_000_000, "500k", "1.5e6", 12345; raises DfplanError for anything else."""
-    if isinstance(text, int) and not isinstance(text, bool):
-        return text
-    m = _COUNT_RE.match(str(text))
-    if not m:
-        raise DfplanError(f"cannot parse token count {text!r}; write e.g. 2000000, 2M or 500k")
-    return int(float(m.group(1).replace("_", "").replace(",", "")) * _MULT[m.group(2).lower()])
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DfplanError
+from ..formats.apply import round_to_storage_
 from ..formats.specs import Binary, IntN, Keep
 from ..formats.units import compressible_units, fixed_tensors
 from .qat import QATBinaryLinear, QATIntNEmbedding, QATIntNLinear, QATLinear, qat_modules, set_phase
@@ -28,12 +29,6 @@ from .qat import QATBinaryLinear, QATIntNEmbedding, QATIntNLinear, QATLinear, qa
 
 def _storage(keep: Keep) -> torch.dtype:
     return getattr(torch, keep.torch_dtype_name)
-
-
-@torch.no_grad()
-def _round_(t: torch.Tensor, dtype: torch.dtype) -> None:
-    if t.is_floating_point() and t.dtype != dtype:
-        t.copy_(t.to(dtype).to(t.dtype))
 
 
 def _swap(model: nn.Module, fqn: str, new: nn.Module) -> None:
@@ -65,9 +60,9 @@ def build_student(teacher: nn.Module, plan) -> nn.Module:
         bias = getattr(mod, "bias", None)
         if bias is not None:
             bias = bias.detach().clone()
-            _round_(bias, default)
+            round_to_storage_(bias, default)
         if isinstance(spec, Keep):
-            _round_(w, _storage(spec))
+            round_to_storage_(w, _storage(spec))
             continue
         if isinstance(spec, Binary):
             if u.kind in ("embedding", "lm_head"):
@@ -83,7 +78,7 @@ def build_student(teacher: nn.Module, plan) -> nn.Module:
     for name, _ in fixed_tensors(cfg):
         t = sd.get(name)
         if t is not None:
-            _round_(t.data if isinstance(t, nn.Parameter) else t, default)
+            round_to_storage_(t.data if isinstance(t, nn.Parameter) else t, default)
     set_phase(student, "anneal", 0.0)
     student.dfplan_plan = plan
     return student
@@ -143,5 +138,5 @@ def freeze_norms_for_export(student: nn.Module, plan) -> None:
     """Round trained norm weights to the stored dtype (idempotent): the final phase trains none."""
     dtype = _storage(plan.default)
     for _, p in norm_parameters(student):
-        _round_(p.data, dtype)
+        round_to_storage_(p.data, dtype)
         p.requires_grad_(False)

@@ -12,6 +12,7 @@ checkpoint untouched.
 """
 from __future__ import annotations
 
+import json
 import math
 import sys
 import time
@@ -31,8 +32,7 @@ from ..fileio import atomic_path, write_text_atomic
 from .losses import LossConfig, distill_loss
 from .qat import set_phase
 from .schedule import Schedule
-from .student import (allocate_stage2, begin_stage2, build_student, freeze_norms_for_export,
-                      trainable_parameters)
+from .student import allocate_stage2, begin_stage2, build_student, freeze_norms_for_export, trainable_parameters
 
 CKPT_FORMAT = "dfplan-distill-checkpoint"
 CKPT_VERSION = 1
@@ -331,5 +331,4 @@ def train(teacher: torch.nn.Module, plan, tokens: np.ndarray, split: WindowSplit
 
 
 def write_log(folder: Path, history: list) -> None:
-    import json
     write_text_atomic(Path(folder) / "train_log.jsonl", "".join(json.dumps(h) + "\n" for h in history))

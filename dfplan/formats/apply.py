@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import DfplanError
-from .modules import _Compressed, module_for
+from .modules import CompressedModule, module_for
 from .units import compressible_units, fixed_tensors
 
 
@@ -43,7 +43,8 @@ def _config(model):
 
 
 @torch.no_grad()
-def _round_(t: torch.Tensor, storage: torch.dtype) -> None:
+def round_to_storage_(t: torch.Tensor, storage: torch.dtype) -> None:
+    """Round a float tensor in place to what `storage` can hold, keeping its dtype."""
     if t.is_floating_point() and t.dtype != storage:
         t.copy_(t.to(storage).to(t.dtype))
 
@@ -61,7 +62,7 @@ def apply_plan(model: nn.Module, plan, generator: torch.Generator | None = None,
     units = compressible_units(cfg)
     for u in units:
         mod = _get(model, u.name)
-        if isinstance(mod, _Compressed):
+        if isinstance(mod, CompressedModule):
             raise DfplanError(f"{u.name} is already compressed ({mod.spec}); apply a plan to an "
                               f"uncompressed model")
         w = getattr(mod, "weight", None)
@@ -78,7 +79,7 @@ def apply_plan(model: nn.Module, plan, generator: torch.Generator | None = None,
         mod = model.get_submodule(u.name)
         cls = module_for(spec, u.kind)
         if cls is None:                           # Keep: float module, values rounded
-            _round_(mod.weight, getattr(torch, spec.torch_dtype_name))
+            round_to_storage_(mod.weight, getattr(torch, spec.torch_dtype_name))
             continue
         bias = getattr(mod, "bias", None)
         new = cls.from_float(mod.weight, spec, bias=bias, generator=generator)
@@ -87,7 +88,7 @@ def apply_plan(model: nn.Module, plan, generator: torch.Generator | None = None,
     sd = model.state_dict(keep_vars=True)
     for name, _ in fixed_tensors(cfg):
         if name in sd:
-            _round_(sd[name].data if isinstance(sd[name], nn.Parameter) else sd[name], storage)
+            round_to_storage_(sd[name].data if isinstance(sd[name], nn.Parameter) else sd[name], storage)
     model.dfplan_plan = plan
     return model
 
@@ -108,5 +109,5 @@ def prepare_empty(model: nn.Module, plan, compute_dtype: torch.dtype = torch.flo
     return model
 
 
-def compressed_modules(model: nn.Module) -> dict[str, _Compressed]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, _Compressed)}
+def compressed_modules(model: nn.Module) -> dict[str, CompressedModule]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, CompressedModule)}

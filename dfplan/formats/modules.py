@@ -4,8 +4,8 @@ Each module holds exactly the tensors of its spec's payload (specs.py documents 
 under the same names, so `module.state_dict()` is what the packed checkpoint stores; an
 optional `bias` buffer is kept in the compute dtype and stored under the plan's default dtype.
 
-forward: the fast kernels of dfplan.kernels (binary_linear / int8_linear) when importable,
-otherwise the reference path: dequantize(), then F.linear. Modules are built either from a
+forward: dfplan.kernels dispatch (binary_linear / int8_linear), which picks the C++ / Triton kernel
+or its reference twin; forward_reference: dequantize(), then F.linear. Modules are built from a
 float weight (`from_float`) or empty on the meta device (`empty`) and then assign-loaded.
 """
 from __future__ import annotations
@@ -14,29 +14,17 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import kernels as K
 from ..errors import DfplanError
 from . import quant
 from .specs import Binary, IntN, Spec
-
-_KERNELS: list = []          # [module or None], resolved on first use
-
-
-def kernels():
-    """dfplan.kernels if it exposes the dispatch entry points, else None (reference path)."""
-    if not _KERNELS:
-        try:
-            import dfplan.kernels as k
-            _KERNELS.append(k if hasattr(k, "binary_linear") and hasattr(k, "int8_linear") else None)
-        except ImportError:
-            _KERNELS.append(None)
-    return _KERNELS[0]
 
 
 def _torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-class _Compressed(nn.Module):
+class CompressedModule(nn.Module):
     """Common part: spec, shape, payload buffers (+ optional bias)."""
 
     def __init__(self, spec: Spec, shape: tuple[int, int], bias: bool = False, device=None,
@@ -84,7 +72,7 @@ class _Compressed(nn.Module):
         """Raise DfplanError when self.spec is not a format this class implements."""
 
 
-class BinaryLinear(_Compressed):
+class BinaryLinear(CompressedModule):
     """1-bit sign scaffold (row or FBI scales) + optional quantised low-rank correction."""
 
     def _check_spec_kind(self):
@@ -112,13 +100,10 @@ class BinaryLinear(_Compressed):
         return super()._apply(fn, *args, **kw)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:              # (..., in) -> (..., out)
-        k = kernels()
-        if k is None:
-            return self.forward_reference(x)
         fbi = self.spec.scale == "fbi"
         u, v = self._correction_int8()
         r = self.spec.rank > 0
-        return k.binary_linear(
+        return K.binary_linear(
             x, self.bits, None if fbi else self.row_scale, self.in_features,
             col_scale=self.col_scale if fbi else None, col_shift=self.col_shift if fbi else None,
             u=u, u_scale=self.u_scale if r else None, v=v, v_scale=self.v_scale if r else None,
@@ -129,7 +114,7 @@ class BinaryLinear(_Compressed):
         return F.linear(x, self.dequantize().to(x.dtype), b)
 
 
-class IntNLinear(_Compressed):
+class IntNLinear(CompressedModule):
     """Weight-only IntN linear (per row or per group, symmetric or asymmetric)."""
 
     def _check_spec_kind(self):
@@ -142,9 +127,8 @@ class IntNLinear(_Compressed):
         return s.bits == 8 and s.group == 0 and s.symmetric
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:              # (..., in) -> (..., out)
-        k = kernels()
-        if k is not None and self.is_int8_rowwise:
-            return k.int8_linear(x, self.qweight, self.scale, self.bias)
+        if self.is_int8_rowwise:
+            return K.int8_linear(x, self.qweight, self.scale, self.bias)
         return self.forward_reference(x)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,7 +136,7 @@ class IntNLinear(_Compressed):
         return F.linear(x, self.dequantize().to(x.dtype), b)
 
 
-class IntNEmbedding(_Compressed):
+class IntNEmbedding(CompressedModule):
     """Row-wise IntN token embedding; attend(h) makes it the tied output head too."""
 
     def _check_spec_kind(self):
@@ -172,9 +156,8 @@ class IntNEmbedding(_Compressed):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:            # (B, L) -> (B, L, d)
         # dequantise only the gathered rows: the table itself stays packed
         s = self.spec
-        k = kernels()
-        if k is not None and s.bits == 8 and s.symmetric and hasattr(k, "int8_embedding"):
-            return k.int8_embedding(ids, self.qweight, self.scale, dtype=self.compute_dtype)
+        if s.bits == 8 and s.symmetric:
+            return K.int8_embedding(ids, self.qweight, self.scale, dtype=self.compute_dtype)
         return self.forward_reference(ids)
 
     def forward_reference(self, ids: torch.Tensor) -> torch.Tensor:
@@ -186,10 +169,9 @@ class IntNEmbedding(_Compressed):
         return rows.reshape(*ids.shape, self.in_features)
 
     def attend(self, h: torch.Tensor) -> torch.Tensor:               # (..., d) -> (..., V)
-        k = kernels()
         s = self.spec
-        if k is not None and s.bits == 8 and s.symmetric:
-            return k.int8_linear(h, self.qweight, self.scale)
+        if s.bits == 8 and s.symmetric:
+            return K.int8_linear(h, self.qweight, self.scale)
         return self.attend_reference(h)
 
     def attend_reference(self, h: torch.Tensor) -> torch.Tensor:

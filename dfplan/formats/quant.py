@@ -22,7 +22,10 @@ from typing import NamedTuple
 
 import torch
 
+from dfplan.kernels.packing import pack_signs, unpack_signs
+
 from ..errors import DfplanError
+from .specs import Binary, IntN, Keep
 
 # clip ratios tried per row/group for bits <= 4: geometric from 1 down to a per-width floor
 # (the MSE-optimal ratio on Gaussian rows is ~0.7 at 4 bits, ~0.5 at 3, ~0.3 at 2, and lower
@@ -379,9 +382,6 @@ def sqnr_db(w: torch.Tensor, w_hat: torch.Tensor) -> float:
 
 def encode_weight(weight: torch.Tensor, spec, generator: torch.Generator | None = None) -> dict:
     """(out, in) float weight -> {buffer name: tensor}, exactly the tensors spec.payload lists."""
-    from dfplan.kernels.packing import pack_signs
-    from .specs import Binary, IntN, Keep
-
     payload = spec.payload(tuple(weight.shape))                        # validates the shape
     w = weight.detach()
     if isinstance(spec, Keep):
@@ -423,9 +423,6 @@ def _check_payload(spec, payload, buffers: dict) -> None:
 
 def decode_weight(spec, shape, buffers: dict, dtype=torch.float32) -> torch.Tensor:
     """The stored payload -> the (out, in) weight it represents (reference dequantisation)."""
-    from dfplan.kernels.packing import unpack_signs
-    from .specs import Binary, IntN, Keep
-
     out_f, in_f = shape
     if isinstance(spec, Keep):
         return buffers["weight"].to(dtype)
@@ -465,8 +462,6 @@ def fake_quant_many(weight: torch.Tensor, specs, generators=None) -> list[torch.
     subspace iteration is run once at the largest rank, which is at least as accurate.
     generators: one per spec (or None), used by zero-init corrections only.
     """
-    from .specs import Binary
-
     specs = list(specs)
     generators = list(generators) if generators is not None else [None] * len(specs)
     w = weight.detach().float()

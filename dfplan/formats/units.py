@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..config import Mamba2Config
+from ..errors import DfplanError
 from .specs import IntN, Keep, Spec
 
 LINEAR_KINDS = ("in_proj", "out_proj", "attn_in", "attn_out", "fc1", "fc2")
@@ -132,8 +133,6 @@ def fixed_tensors(cfg: Mamba2Config) -> list[tuple[str, tuple]]:
 def allowed_specs(unit: Unit) -> Callable[[Spec], bool]:
     """Which specs a unit may take: the embedding / lm_head only Keep or row-wise IntN
     (a gathered row must dequantise alone); linears take everything their shape allows."""
-    from ..errors import DfplanError
-
     def linear_ok(spec: Spec) -> bool:
         try:
             spec.validate(unit.shape)

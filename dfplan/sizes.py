@@ -1,4 +1,5 @@
-"""Byte budgets: parse "300MB", "278MiB", "2.5GB" or plain bytes; print them back.
+"""Sizes and counts on the command line: parse "300MB", "278MiB", "2.5GB" or plain bytes and
+token counts such as "2M"; print byte counts back.
 
 Decimal units are powers of 1000 (1 MB = 10^6 bytes), binary units powers of 1024
 (1 MiB = 2^20 bytes), as on disks and in `ls -h --si` vs `ls -h`. A fractional result
@@ -9,7 +10,7 @@ from __future__ import annotations
 import re
 from decimal import Decimal, InvalidOperation
 
-from dfplan.errors import DfplanError
+from .errors import DfplanError
 
 _UNITS = {
     "": 1, "b": 1,
@@ -17,6 +18,8 @@ _UNITS = {
     "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
     "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40,
 }
+_COUNT_RE = re.compile(r"^\s*([0-9][0-9_,]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]+)?)\s*([kKmMgGbB]?)\s*$")
+_MULT = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}
 _RE = re.compile(r"^\s*([+-]?[0-9][0-9_,]*(?:\.[0-9]*)?|[+-]?\.[0-9]+)(?:[eE]([+-]?[0-9]+))?\s*([A-Za-z]*)\s*$")
 
 
@@ -62,3 +65,13 @@ def format_bytes(n: int, exact: bool = True) -> str:
         short = f"{n} B"
         return short
     return f"{short} ({n:,} bytes)" if exact else short
+
+
+def parse_count(text) -> int:
+    """"2M" -> 2_000_000, "500k", "1.5e6", 12345; raises DfplanError for anything else."""
+    if isinstance(text, int) and not isinstance(text, bool):
+        return text
+    m = _COUNT_RE.match(str(text))
+    if not m:
+        raise DfplanError(f"cannot parse token count {text!r}; write e.g. 2000000, 2M or 500k")
+    return int(float(m.group(1).replace("_", "").replace(",", "")) * _MULT[m.group(2).lower()])
