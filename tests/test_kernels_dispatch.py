@@ -2,10 +2,16 @@
 import pytest
 import torch
 
+from dfplan.kernels import (
+    binary_linear,
+    binary_linear_ref,
+    cpu,
+    int8_embedding,
+    int8_linear,
+    int8_linear_ref,
+    select_backend,
+)
 from dfplan.kernels.errors import KernelError
-from dfplan.kernels import (binary_linear, binary_linear_ref, int8_embedding, int8_linear,
-                            int8_linear_ref, select_backend)
-from dfplan.kernels import cpu
 from dfplan.kernels.packing import pack_signs
 
 
