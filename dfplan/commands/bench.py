@@ -4,6 +4,9 @@ from __future__ import annotations
 import click
 
 from ..errors import DfplanError
+from .bench_e2e import compare as _compare
+from .bench_e2e import e2e as _e2e
+from .bench_e2e import nightly as _nightly
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -108,3 +111,28 @@ def dynamic(model_arg, out_dir, corpus, tokenizer, prompts, prompt_len, gen, kee
     path = write(res, out_dir)
     click.echo(format_table(res))
     click.echo(f"wrote {path}")
+
+
+for _cmd in (_e2e, _compare, _nightly):
+    command.add_command(_cmd)
+
+
+@command.command(name="planner", help="Is the KL-guided plan better than uniform allocations at equal bytes, "
+                 "and how close does Optuna get to the exact MILP optimum? Writes OUT/bench.json and bench.md.")
+@click.option("--model", required=True, help="Teacher checkpoint folder or preset.")
+@click.option("--sensitivity", required=True, type=click.Path(dir_okay=False), help="sensitivity.csv of that model.")
+@click.option("--corpus", multiple=True, required=True, help="Held-out text (repeatable; see README Data).")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory for the results.")
+@click.option("--trials", default=200, show_default=True, type=click.IntRange(1, None), help="Optuna trials per sampler.")
+@click.option("--budget", default=None, help="Budget for the Optuna comparison (default: bin+r16 uniform bytes).")
+@click.option("--heldout-windows", default=16, show_default=True, type=click.IntRange(1, None))
+@click.option("--seq-len", default=None, type=click.IntRange(1, None))
+@click.option("--seed", default=0, show_default=True, type=int)
+def planner(model, sensitivity, corpus, out_dir, trials, budget, heldout_windows, seq_len, seed):
+    from ..sizes import parse_bytes
+
+    budget_bytes = parse_bytes(budget) if budget else None
+    from ..bench.planner import run_benchmark
+
+    res = run_benchmark(model, sensitivity, list(corpus), out_dir, trials, budget_bytes, heldout_windows, seq_len, seed)
+    click.echo(f"wrote {out_dir}/bench.md (Pareto front in {res['front_s']:.1f} s)")

@@ -1,7 +1,7 @@
 """Planner benchmark: is the KL-guided plan better than uniform allocations at equal bytes,
 how close does Optuna get to the exact optimum, and what does each cost in wall time.
 
-    python -m dfplan.planner.benchmark --model runs/teacher --sensitivity runs/x/sensitivity.csv \\
+    dfplan bench planner --model runs/teacher --sensitivity runs/x/sensitivity.csv \\
         --corpus builtin --out runs/x/planner_bench
 
 For every uniform allocation (all bin+rR, all int4, all int2, ...; embedding int8) the MILP is
@@ -13,21 +13,17 @@ bench.md into --out.
 """
 from __future__ import annotations
 
-import argparse
-import json
 import time
 from pathlib import Path
 
 from dfplan.fileio import write_json_atomic, write_text_atomic
 from dfplan.loading import load_config
-from dfplan.sizes import parse_bytes
-
-from .milp import pareto_front, solve
-from .optuna_search import run_search
-from .run import SearchOptions, measured_evaluator
-from .space import build_space
-from .surrogate import fit_correction, load_surrogate, tracking
-from .uniform import uniform_allocations
+from dfplan.planner.milp import pareto_front, solve
+from dfplan.planner.optuna_search import run_search
+from dfplan.planner.run import SearchOptions, measured_evaluator
+from dfplan.planner.space import build_space
+from dfplan.planner.surrogate import fit_correction, load_surrogate, tracking
+from dfplan.planner.uniform import uniform_allocations
 
 
 def run_benchmark(model: str, sensitivity: str, corpus: list[str], out: str, trials: int = 200,
@@ -105,24 +101,3 @@ def run_benchmark(model: str, sensitivity: str, corpus: list[str], out: str, tri
     write_text_atomic(outp / "bench.md", "\n".join(md))
     return res
 
-
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", required=True)
-    p.add_argument("--sensitivity", required=True)
-    p.add_argument("--corpus", action="append", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--trials", type=int, default=200)
-    p.add_argument("--budget", default=None, help="Budget for the Optuna comparison (default: bin+r16 uniform bytes).")
-    p.add_argument("--heldout-windows", type=int, default=16)
-    p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    res = run_benchmark(a.model, a.sensitivity, a.corpus, a.out, a.trials,
-                        parse_bytes(a.budget) if a.budget else None, a.heldout_windows, a.seq_len, a.seed)
-    print(json.dumps({k: res[k] for k in ("config", "front_s", "tracking")}, indent=1))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
