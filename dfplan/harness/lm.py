@@ -98,7 +98,9 @@ class DfplanLM(TemplateLM):
             raise DfplanError(f"stride must be in 1..{self._max_length}, got {self.stride}")
         self._batch_size = _int(batch_size, "batch_size") or 8
         self.max_gen_toks = _int(max_gen_toks, "max_gen_toks") or 256
-        self._device = next(iter(model.parameters())).device
+        p = next(iter(model.parameters()), None)
+        p = next(iter(model.buffers()), None) if p is None else p
+        self._device = p.device if p is not None else torch.device("cpu")
 
     # --- what lm-eval reads ----------------------------------------------------------
     @property

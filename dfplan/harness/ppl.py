@@ -1,4 +1,4 @@
-"""Perplexity by the standard protocol: one long text, sliding windows with a stride.
+r"""Perplexity by the standard protocol: one long text, sliding windows with a stride.
 
 The text is the whole test split joined the usual way (WikiText-2 raw rows with "\n\n",
 as GPTQ/SparseGPT and lm-eval's wikitext do; PTB sentences with " "). The token stream
@@ -115,7 +115,8 @@ def text_perplexity(model, token_ids: list[int], prefix_id: int, max_length: int
         raise DfplanError("the evaluation text encodes to no tokens")
     stream = torch.tensor([prefix_id] + list(token_ids), dtype=torch.long)
     wins = windows(len(token_ids), max_length, stride)
-    dev = next(iter(model.parameters()), torch.empty(0)).device
+    p = next(iter(model.parameters()), None)
+    dev = p.device if p is not None else next(iter(model.buffers()), torch.empty(0)).device
     total = 0.0
     # windows of equal length batch together; all but possibly the first are max_length long
     groups: dict[int, list] = {}
