@@ -13,7 +13,7 @@ RUN ?= runs/demo
 THREADS ?=
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test bench lint clean
+.PHONY: setup demo test bench lint clean nightly peers
 
 $(BIN)/dfplan: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -39,6 +39,18 @@ test: setup
 
 bench: setup
 	$(BIN)/dfplan bench kernels --out $(RUN)/bench
+
+# fixed benchmark suite against its history (runs/nightly); SUITE=tiny for a quick smoke run
+HISTORY ?= runs/nightly
+SUITE ?= full
+nightly: setup
+	$(BIN)/dfplan bench nightly --history $(HISTORY) --suite $(SUITE)
+
+# optional peers for `dfplan bench e2e`: builds llama.cpp ONCE (niced, minutes) into
+# ~/.cache/dfplan/peers; never part of `make test` or CI
+peers: setup
+	$(PY) -m pip install -q -c $(VENV)/torch-pin.txt transformers gguf sentencepiece
+	$(PY) -m dfplan.bench.peers
 
 # ruff (pyflakes, import order) and the import-linter layer contract of pyproject.toml
 lint: setup
