@@ -32,20 +32,21 @@ def probe_figure(path: str | os.PathLike, teacher_rows: list[dict], teacher_phas
     panels = [("category_accuracy", "nearest-centroid\ncategory accuracy", False),
               ("category_separation", "category separation\n(between - within cos dist)", False),
               (f"top{k}_rate", f"answer in lens top-{k}\n(share of prompts)", False),
-              ("median_rank", "answer's median\nlens rank", True)]
+              ("median_rank", "answer's median\nlens rank + 1", True)]
     n = len(panels) + (1 if swap_rows else 0)
     fig, axes = plt.subplots(n, 1, figsize=(7.5, 2.1 * n), sharex=True, squeeze=False)
     axes = axes[:, 0]
     x = [r["layer"] for r in teacher_rows]
     for ax, (key, label, logy) in zip(axes, panels):
         _shade(ax, teacher_phases, student_phases)
-        ax.plot(x, [r[key] for r in teacher_rows], "o-", color="k", ms=3, label="teacher")
+        shift = 1 if logy else 0               # rank 0 (top-1) still has a place on a log axis
+        ax.plot(x, [r[key] + shift for r in teacher_rows], "o-", color="k", ms=3, label="teacher")
         if student_rows:
-            ax.plot(x, [r[key] for r in student_rows], "s--", color="tab:red", ms=3, label="student")
+            ax.plot(x, [r[key] + shift for r in student_rows], "s--", color="tab:red", ms=3, label="student")
         if key == "category_accuracy":
             ax.axhline(chance, color="gray", lw=0.8, ls="--", label="chance")
         if logy:
-            ax.set_yscale("symlog", linthresh=1)
+            ax.set_yscale("log")
         ax.set_ylabel(label, fontsize=8)
         ax.grid(alpha=0.3)
     if swap_rows:

@@ -9,8 +9,11 @@ import torch.nn as nn
 from dfplan.cli import main
 from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
+from dfplan.formats.apply import apply_plan
+from dfplan.formats.layouts import layout_plan
 from dfplan.loading import save_mamba_ssm
 from dfplan.model import build_model
+from dfplan.packed import save_packed
 from dfplan.probe.collect import read_model, read_swaps
 from dfplan.probe.metrics import category_separation, first_entry, layer_table, nearest_centroid_accuracy
 from dfplan.probe.phases import detect_phases, disturbance
@@ -247,6 +250,9 @@ def saved_pair(tmp_path_factory):
         for p in student.backbone.layers[1].parameters():
             p.add_(0.05 * torch.randn(p.shape, generator=g))
     save_mamba_ssm(student, d / "student", tokenizer=tok)
+    plan = layout_plan("dfssm", CFG)
+    packed = apply_plan(build_model(CFG, seed=0).eval(), plan, generator=torch.Generator().manual_seed(0))
+    save_packed(packed, plan, d / "packed", tokenizer=tok)
     rows = [("The capital of France is", "Paris", "capital"), ("The capital of Italy is", "Rome", "capital"),
             ("The capital of Germany is", "Berlin", "capital"), ("In France the language spoken is", "French", "language"),
             ("In Italy the language spoken is", "Italian", "language"),
@@ -274,6 +280,19 @@ def test_cli_writes_tables_and_figure(saved_pair, capsys):
     # only block 1 differs between student and teacher: no other block moves the output
     assert swap.loc[swap.block != 1, "kl"].abs().max() < 1e-6 < swap.loc[swap.block == 1, "kl"].iloc[0]
     assert (out / "probe.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_compares_a_packed_student(saved_pair, capsys):
+    d = saved_pair
+    out = d / "run-packed"
+    rc = main(["probe", "--model", str(d / "teacher"), "--compare", str(d / "packed"), "--prompts",
+               str(d / "p.jsonl"), "--out", str(out), "--folds", "2"])
+    assert rc == 0, capsys.readouterr().err
+    import pandas as pd
+    swap = pd.read_csv(out / "probe_swap.csv")
+    assert len(swap) == CFG.n_layer and (swap["kl"] > 0).all()     # every block is 1-bit: each one moves it
+    student = pd.read_csv(out / "probe_layers.csv").query("model == 'student'")
+    assert (student["cos_to_teacher"] < 1).all()
 
 
 def test_cli_bad_input_is_one_line_and_writes_nothing(saved_pair, tmp_path, capsys):
