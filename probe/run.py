@@ -13,7 +13,6 @@ Files written into the run directory (all computed first, then written atomicall
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import asdict, dataclass
