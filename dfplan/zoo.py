@@ -147,6 +147,126 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
 
 
+@dataclass
+class _TeacherRun:
+    """Everything one training run holds, with its step, validation, log and checkpoint helpers."""
+    tc: TrainConfig
+    prep: "_Prepared"
+    out: Path
+    model: torch.nn.Module
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    sampler: EpochSampler
+    state: dict                 # step, tokens_seen, train_s, loss_ema, history
+
+    @classmethod
+    def start(cls, tc: TrainConfig, prep: "_Prepared", out: Path) -> "_TeacherRun":
+        torch.manual_seed(tc.seed)
+        model = build_model(prep.cfg, seed=tc.seed)
+        opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
+                                eps=1e-8)
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_factor(s, tc.warmup, tc.steps, tc.min_lr_ratio))
+        sampler = EpochSampler(len(prep.split.train), tc.batch_size, tc.seed)
+        state = {"step": 0, "tokens_seen": 0, "train_s": 0.0, "loss_ema": None, "history": []}
+        return cls(tc, prep, out, model, opt, sched, sampler, state)
+
+    @property
+    def ckpt_path(self) -> Path:
+        return self.out / CHECKPOINT
+
+    def checkpoint(self) -> None:
+        with atomic_path(self.ckpt_path) as tmp:
+            torch.save({"model": self.model.state_dict(), "optimizer": self.opt.state_dict(),
+                        "scheduler": self.sched.state_dict(), "sampler": self.sampler.state_dict(),
+                        "torch_rng": torch.get_rng_state(),
+                        "corpus_key": self.prep.corpus_key, "preset": self.tc.preset,
+                        "seq_len": self.tc.seq_len, **self.state}, tmp)
+
+    def restore(self) -> None:
+        ck = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        if (ck["corpus_key"] != self.prep.corpus_key or ck["preset"] != self.tc.preset
+                or ck["seq_len"] != self.tc.seq_len):
+            raise DfplanError(f"{self.ckpt_path} was written for a different corpus, preset or seq-len; "
+                              "resume with the original options or choose another --out")
+        self.model.load_state_dict(ck["model"])
+        self.opt.load_state_dict(ck["optimizer"])
+        self.sched.load_state_dict(ck["scheduler"])
+        self.sampler.load_state_dict(ck["sampler"])
+        torch.set_rng_state(ck["torch_rng"])
+        self.state = {k: ck[k] for k in self.state}
+
+    def train_step(self, before_update: Callable[[], None]) -> None:
+        """One optimiser step on the sampler's next batch; `before_update` runs just before the
+        parameters change (from then on an interrupt cannot rewind the step)."""
+        L, V, st = self.tc.seq_len, self.prep.cfg.vocab_size, self.state
+        t0 = time.perf_counter()
+        batch = torch.from_numpy(gather(self.prep.tokens, self.prep.split.train[self.sampler.next_indices()],
+                                        L + 1))
+        logits = self.model(batch[:, :-1])[..., :V]                    # (B, L, V)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tc.grad_clip)
+        before_update()
+        self.opt.step()
+        self.sched.step()
+        st["train_s"] += time.perf_counter() - t0
+        st["step"] += 1
+        st["tokens_seen"] += batch[:, 1:].numel()
+        ema = st["loss_ema"]
+        st["loss_ema"] = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+
+    def validate(self, n_windows: int) -> float:
+        starts = evenly_spaced(self.prep.split.valid, n_windows)
+        ppl = perplexity(self.model, gather(self.prep.tokens, starts, self.tc.seq_len + 1), self.tc.batch_size,
+                         vocab_size=self.prep.cfg.vocab_size).ppl
+        self.model.train()
+        return ppl
+
+    def after_step(self, tok_s: float) -> None:
+        """Periodic validation + log row and checkpoint (not at the last step: finish() does both)."""
+        step, tc = self.state["step"], self.tc
+        if step % tc.eval_every == 0 and step < tc.steps:
+            ppl = self.validate(tc.eval_windows)
+            self.state["history"].append(_log_row(self.state, ppl, self.sched))
+            tqdm.write(f"step {step}: loss {self.state['loss_ema']:.3f}, val ppl {ppl:.2f}, "
+                       f"{tok_s:,.0f} tok/s", file=sys.stderr)
+            _write_log(self.out, self.state["history"])
+        if step % tc.ckpt_every == 0 and step < tc.steps:
+            self.checkpoint()
+
+    def finish(self, say: Callable[[str], None]) -> dict:
+        """Final numbers on (up to) final_eval_windows validation windows; save; -> zoo.json."""
+        tc, prep, st, L, V = self.tc, self.prep, self.state, self.tc.seq_len, self.prep.cfg.vocab_size
+        starts = evenly_spaced(prep.split.valid, tc.final_eval_windows)
+        val_ppl = self.validate(tc.final_eval_windows)
+        valid_targets = gather(prep.tokens, starts, L + 1)[:, 1:]
+        train_tokens = gather(prep.tokens, prep.split.train, L + 1)[:, 1:]
+        uni = unigram_ppl(train_tokens.ravel(), valid_targets.ravel(), V)
+        st["history"].append(_log_row(st, val_ppl, self.sched))
+        _write_log(self.out, st["history"])
+
+        save_mamba_ssm(self.model.eval(), self.out)
+        meta = {
+            "preset": tc.preset, "config": prep.cfg.to_mamba_ssm_dict(), "parameters": self.model.num_parameters(),
+            "corpus": list(tc.corpus), "corpus_files": len(prep.files), "corpus_tokens": int(len(prep.tokens)),
+            "corpus_key": prep.corpus_key, "tokenizer_sha256": fingerprint(prep.tok),
+            "steps": st["step"], "seq_len": L, "batch_size": tc.batch_size,
+            "tokens_seen": st["tokens_seen"], "val_ppl": round(val_ppl, 3), "unigram_ppl": round(uni, 3),
+            "val_windows": int(len(starts)), "val_tokens": int(valid_targets.size),
+            "tokens_per_s": round(st["tokens_seen"] / max(st["train_s"], 1e-9), 1),
+            "train_wall_s": round(st["train_s"], 1), "threads": torch.get_num_threads(),
+            "torch": torch.__version__, "git_commit": git_commit(), "train_config": asdict(tc),
+        }
+        meta = json.loads(json.dumps(meta))     # exactly what a later read of zoo.json returns
+        write_json_atomic(self.out / META, meta)
+        self.ckpt_path.unlink(missing_ok=True)
+        say(f"val ppl {val_ppl:.2f} (unigram baseline {uni:.2f}) after {st['tokens_seen']:,} tokens; "
+            f"saved {self.out}")
+        return meta
+
+
 def train_teacher(tc: TrainConfig, say: Callable[[str], None] = print, progress: bool | None = None,
                   on_step: Callable[[int], None] | None = None) -> dict:
     """Train (or resume, or find finished) a teacher; returns the zoo.json metadata.
@@ -169,129 +289,48 @@ def train_teacher(tc: TrainConfig, say: Callable[[str], None] = print, progress:
 
     if tc.threads:
         torch.set_num_threads(tc.threads)
-    prep = _prepare(tc, say)
-    cfg, V, L = prep.cfg, prep.cfg.vocab_size, tc.seq_len
-    train_starts, valid_starts = prep.split.train, prep.split.valid
-
-    torch.manual_seed(tc.seed)
-    model = build_model(cfg, seed=tc.seed)
-    opt = torch.optim.AdamW(_param_groups(model, tc.weight_decay), lr=tc.lr, betas=(0.9, 0.95),
-                            eps=1e-8)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_factor(s, tc.warmup, tc.steps, tc.min_lr_ratio))
-    sampler = EpochSampler(len(train_starts), tc.batch_size, tc.seed)
-    state = {"step": 0, "tokens_seen": 0, "train_s": 0.0, "loss_ema": None, "history": []}
-
-    ckpt_path = out / CHECKPOINT
-    if tc.resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if ck["corpus_key"] != prep.corpus_key or ck["preset"] != tc.preset or ck["seq_len"] != L:
-            raise DfplanError(f"{ckpt_path} was written for a different corpus, preset or seq-len; "
-                              "resume with the original options or choose another --out")
-        model.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        sampler.load_state_dict(ck["sampler"])
-        torch.set_rng_state(ck["torch_rng"])
-        state = {k: ck[k] for k in state}
-        say(f"resumed from step {state['step']} ({state['tokens_seen']:,} tokens seen)")
-
+    run = _TeacherRun.start(tc, _prepare(tc, say), out)
+    if tc.resume and run.ckpt_path.is_file():
+        run.restore()
+        say(f"resumed from step {run.state['step']} ({run.state['tokens_seen']:,} tokens seen)")
     out.mkdir(parents=True, exist_ok=True)
-    save_tokenizer(prep.tok, out)      # rewritten every start so it always matches the model
+    save_tokenizer(run.prep.tok, out)      # rewritten every start so it always matches the model
 
-    def checkpoint():
-        with atomic_path(ckpt_path) as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(),
-                        "scheduler": sched.state_dict(), "sampler": sampler.state_dict(),
-                        "torch_rng": torch.get_rng_state(),
-                        "corpus_key": prep.corpus_key, "preset": tc.preset, "seq_len": L,
-                        **state}, tmp)
-
-    def validate(n_windows: int) -> float:
-        starts = evenly_spaced(valid_starts, n_windows)
-        ppl = perplexity(model, gather(prep.tokens, starts, L + 1), tc.batch_size, vocab_size=V).ppl
-        model.train()
-        return ppl
-
-    model.train()
-    bar = tqdm(total=tc.steps, initial=state["step"], desc=f"zoo {tc.preset}", unit="step",
+    run.model.train()
+    bar = tqdm(total=tc.steps, initial=run.state["step"], desc=f"zoo {tc.preset}", unit="step",
                disable=(not progress) if progress is not None else None, dynamic_ncols=True)
     # What an interrupt leaves behind: a dict = the sampler position before an unfinished
     # step (model untouched, rewind the sampler); "updating" = parameters may be half
     # updated, so only the last periodic checkpoint is trustworthy; None = between steps.
     pending: dict | str | None = None
+
+    def updating() -> None:
+        nonlocal pending
+        pending = "updating"
+
     try:
-        while state["step"] < tc.steps:
-            t0 = time.perf_counter()
-            pending = sampler.state_dict()
-            batch = torch.from_numpy(gather(prep.tokens, train_starts[sampler.next_indices()], L + 1))
-            logits = model(batch[:, :-1])[..., :V]                    # (B, L, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), batch[:, 1:].flatten())
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-            pending = "updating"
-            opt.step()
-            sched.step()
-            state["train_s"] += time.perf_counter() - t0
-            state["step"] += 1
-            state["tokens_seen"] += batch[:, 1:].numel()
-            ema = state["loss_ema"]
-            state["loss_ema"] = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
+        while run.state["step"] < tc.steps:
+            pending = run.sampler.state_dict()
+            run.train_step(updating)
             pending = None
-            tok_s = state["tokens_seen"] / max(state["train_s"], 1e-9)
+            tok_s = run.state["tokens_seen"] / max(run.state["train_s"], 1e-9)
             bar.update(1)
-            bar.set_postfix(loss=f"{state['loss_ema']:.3f}", tok_s=f"{tok_s:,.0f}")
-            step = state["step"]
-            if step % tc.eval_every == 0 and step < tc.steps:
-                ppl = validate(tc.eval_windows)
-                state["history"].append(_log_row(state, ppl, sched))
-                tqdm.write(f"step {step}: loss {state['loss_ema']:.3f}, val ppl {ppl:.2f}, "
-                           f"{tok_s:,.0f} tok/s", file=sys.stderr)
-                _write_log(out, state["history"])
-            if step % tc.ckpt_every == 0 and step < tc.steps:
-                checkpoint()
+            bar.set_postfix(loss=f"{run.state['loss_ema']:.3f}", tok_s=f"{tok_s:,.0f}")
+            run.after_step(tok_s)
             if on_step is not None:
-                on_step(step)
+                on_step(run.state["step"])
     except KeyboardInterrupt:
         bar.close()
         if pending == "updating":
             say("interrupted during a parameter update; --resume continues from the last checkpoint")
             raise
         if pending is not None:
-            sampler.load_state_dict(pending)
-        checkpoint()
-        say(f"interrupted: checkpoint at step {state['step']} saved; rerun with --resume")
+            run.sampler.load_state_dict(pending)
+        run.checkpoint()
+        say(f"interrupted: checkpoint at step {run.state['step']} saved; rerun with --resume")
         raise
     bar.close()
-
-    # final numbers on (up to) final_eval_windows validation windows
-    starts = evenly_spaced(valid_starts, tc.final_eval_windows)
-    val_ppl = validate(tc.final_eval_windows)
-    valid_targets = gather(prep.tokens, starts, L + 1)[:, 1:]
-    train_tokens = gather(prep.tokens, train_starts, L + 1)[:, 1:]
-    uni = unigram_ppl(train_tokens.ravel(), valid_targets.ravel(), V)
-    state["history"].append(_log_row(state, val_ppl, sched))
-    _write_log(out, state["history"])
-
-    save_mamba_ssm(model.eval(), out)
-    meta = {
-        "preset": tc.preset, "config": cfg.to_mamba_ssm_dict(), "parameters": model.num_parameters(),
-        "corpus": list(tc.corpus), "corpus_files": len(prep.files), "corpus_tokens": int(len(prep.tokens)),
-        "corpus_key": prep.corpus_key, "tokenizer_sha256": fingerprint(prep.tok),
-        "steps": state["step"], "seq_len": L, "batch_size": tc.batch_size,
-        "tokens_seen": state["tokens_seen"], "val_ppl": round(val_ppl, 3), "unigram_ppl": round(uni, 3),
-        "val_windows": int(len(starts)), "val_tokens": int(valid_targets.size),
-        "tokens_per_s": round(state["tokens_seen"] / max(state["train_s"], 1e-9), 1),
-        "train_wall_s": round(state["train_s"], 1), "threads": torch.get_num_threads(),
-        "torch": torch.__version__, "git_commit": git_commit(), "train_config": asdict(tc),
-    }
-    meta = json.loads(json.dumps(meta))     # exactly what a later read of zoo.json returns
-    write_json_atomic(out / META, meta)
-    ckpt_path.unlink(missing_ok=True)
-    say(f"val ppl {val_ppl:.2f} (unigram baseline {uni:.2f}) after {state['tokens_seen']:,} tokens; "
-        f"saved {out}")
-    return meta
+    return run.finish(say)
 
 
 def _log_row(state: dict, val_ppl: float, sched) -> dict:
