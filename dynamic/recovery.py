@@ -23,7 +23,7 @@ METHODS = ("omp", "lasso")
 LASSO_ALPHA = 1e-3          # fraction of alpha_max
 
 
-def _sklearn():
+def sklearn_linear_model():
     try:
         import sklearn.linear_model as lm
     except ImportError as e:  # optional dependency
@@ -35,7 +35,7 @@ def recover(phi: torch.Tensor, y: torch.Tensor, k: int, method: str = "omp") -> 
     """Estimated coefficients (n,) float64 of e from y = Phi e, at most min(k, m) nonzero (OMP)."""
     if method not in METHODS:
         raise ValueError(f"recovery method {method!r} is not one of {METHODS}")
-    lm = _sklearn()
+    lm = sklearn_linear_model()
     A = phi.double().numpy()
     b = y.double().numpy()
     m, n = A.shape

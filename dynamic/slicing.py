@@ -81,24 +81,28 @@ def _slice_binary(mod: BinaryLinear, rows, cols) -> BinaryLinear:
     return new
 
 
+def _whole_groups(cols: torch.Tensor, group: int, name: str) -> torch.Tensor:
+    """Group indices when `cols` is a sorted union of whole aligned groups; else DfplanError."""
+    g = cols.reshape(-1, group) if cols.numel() % group == 0 else None
+    if g is None or g[:, 0].remainder(group).any() or not torch.equal(g, g[:, :1] + torch.arange(group)):
+        raise DfplanError(f"{name}: kept columns must be whole groups of {group}; "
+                          "use a unit width that is a multiple of the group size")
+    return g[:, 0] // group
+
+
 def _slice_intn(mod: IntNLinear, rows, cols) -> IntNLinear:
     s, n_in = mod.spec, mod.in_features
     out_f = mod.out_features if rows is None else rows.numel()
     in_f = n_in if cols is None else cols.numel()
+    gi = _whole_groups(cols, s.group, s.name) if cols is not None and s.group else None
     new = _new_like(mod, out_f, in_f)
     q = _rows(mod.qweight, rows)
     scale, zero = _rows(mod.scale, rows), _rows(getattr(mod, "zero", None), rows)
     if cols is not None:
         q = _slice_codes_cols(q, n_in, s.bits, s.symmetric, cols)
-        if s.group:               # whole groups only: their scales (and zeros) move with them
-            g = cols.reshape(-1, s.group)
-            if cols.numel() % s.group or g[:, 0].remainder(s.group).any() or \
-                    not torch.equal(g, g[:, :1] + torch.arange(s.group)):
-                raise DfplanError(f"{s.name}: kept columns must be whole groups of {s.group}; "
-                                  "use a unit width that is a multiple of the group size")
-            gi = (g[:, 0] // s.group).to(scale.device)
-            scale = scale.index_select(1, gi).contiguous()
-            zero = None if zero is None else zero.index_select(1, gi).contiguous()
+        if gi is not None:        # whole groups: their scales (and zeros) move with them
+            scale = scale.index_select(1, gi.to(scale.device)).contiguous()
+            zero = None if zero is None else zero.index_select(1, gi.to(zero.device)).contiguous()
     new.qweight, new.scale = q, scale
     if zero is not None:
         new.zero = zero
