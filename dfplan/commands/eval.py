@@ -6,6 +6,8 @@ import json
 
 import click
 
+from ..runfolder import check_model_arg, check_out_file
+
 
 @click.command(name="eval", help="Perplexity and zero-shot accuracy of a model or packed artifact. "
                "Without --tasks: held-out perplexity on --corpus (and KL to --teacher). With --tasks: "
@@ -21,7 +23,7 @@ import click
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Write the result as JSON here.")
 @click.option("--tasks", default=None,
               help="Comma list: wikitext2,ptb,lambada,piqa,arc_easy,arc_challenge,hellaswag,winogrande,boolq, "
-                   "'all', or hub:NAME for any lm-eval task (network).")
+                   "'all' (every task with a local file), or hub:NAME for any lm-eval task (network).")
 @click.option("--data-dir", default=None, type=click.Path(file_okay=False),
               help="Local evaluation sets (default: ../shared/data/eval when present).")
 @click.option("--limit", default=None, type=click.IntRange(min=1),
@@ -38,6 +40,12 @@ import click
 def command(model_arg, corpus, tokenizer, teacher, seq_len, windows, batch_size, out, tasks, data_dir,
             limit, max_length, stride, compare, bootstrap_iters, write_tasks):
     from ..errors import DfplanError
+    check_model_arg(model_arg)                # before torch: a typo costs a fraction of a second
+    for flag, v in (("--teacher", teacher), ("--compare", compare)):
+        if v is not None:
+            check_model_arg(v, flag)
+    if out is not None:
+        check_out_file(out)
     if tasks is None and write_tasks is None:
         if not corpus:
             raise DfplanError("pass --corpus (held-out perplexity) or --tasks (standard tasks)")
@@ -47,7 +55,7 @@ def command(model_arg, corpus, tokenizer, teacher, seq_len, windows, batch_size,
         click.echo(json.dumps(res, indent=2))
         return
     from ..harness import tasks as T
-    names = list(T.DEFAULT_TASKS) if tasks in (None, "all") else tasks.split(",")
+    names = T.local_tasks(data_dir) if tasks in (None, "all") else tasks.split(",")
     if write_tasks is not None:
         local = [t for t in T.resolve(names, data_dir) if t.path is not None and t.lm_eval_name]
         T.write_task_yamls(local, write_tasks)

@@ -16,7 +16,7 @@ from . import tasks as T
 from .artifact import artifact_info
 from .ppl import count_words, standard_text, text_perplexity
 
-CHANCE_NOTE = "chance = mean over examples of 1/number of choices"
+CHANCE_NOTE = "chance = mean over the evaluated examples of 1/number of choices"
 
 
 def _loadavg() -> list[float] | None:
@@ -70,7 +70,7 @@ def evaluate_tasks(model_arg: str, task_names: list[str], *, data_dir: str | Non
                    stride: int | None = None, tokenizer: str | None = None, dtype: str | None = None,
                    device: str | None = None, bootstrap_iters: int = 1000, progress: bool = True) -> dict:
     """Evaluate one model on the given tasks; returns a JSON-able dict."""
-    resolved = T.resolve(task_names, data_dir)                 # bad names/files fail before loading
+    resolved = T.resolve(task_names, data_dir, limit)               # bad names/files fail before loading
     needs_hub = any(t.lm_eval_name and t.path is None for t in resolved)
     if not needs_hub:
         # every set is local: make sure nothing below reaches for the network

@@ -67,7 +67,15 @@ def default_data_dir() -> Path | None:
     return None
 
 
-def resolve(names: list[str], data_dir: str | Path | None) -> list[ResolvedTask]:
+def local_tasks(data_dir: str | Path | None) -> list[str]:
+    """Known tasks whose data file is present (what `--tasks all` runs)."""
+    d = Path(data_dir).expanduser() if data_dir else default_data_dir()
+    if d is None:
+        return []
+    return [n for n, s in TASKS.items() if any((d / f).is_file() for f in s.files)]
+
+
+def resolve(names: list[str], data_dir: str | Path | None, limit: int | None = None) -> list[ResolvedTask]:
     """Task names -> local files (checked) or hub tasks; unknown names list the known ones."""
     d = Path(data_dir).expanduser() if data_dir else default_data_dir()
     if data_dir and not Path(data_dir).expanduser().is_dir():
@@ -88,7 +96,7 @@ def resolve(names: list[str], data_dir: str | Path | None) -> list[ResolvedTask]
         if spec is None:
             raise DfplanError(f"unknown task {name!r}; known tasks: {', '.join(TASKS)} "
                               f"(or hub:NAME for any lm-eval task, which needs the network)")
-        path = next((d / f for f in spec.files if d is not None and (d / f).is_file()), None)
+        path = next(((d / f).resolve() for f in spec.files if d is not None and (d / f).is_file()), None)
         if path is None:
             if spec.hub is None:
                 where = ", ".join(str(d / f) for f in spec.files) if d else "(no data dir)"
@@ -99,7 +107,7 @@ def resolve(names: list[str], data_dir: str | Path | None) -> list[ResolvedTask]
         if spec.kind == "ppl":
             out.append(ResolvedTask(name, spec, path, None))
             continue
-        chance, n = check_file(spec, path)
+        chance, n = check_file(spec, path, limit)
         out.append(ResolvedTask(name, spec, path, LOCAL_PREFIX + name, chance, n))
     if not out:
         raise DfplanError(f"no tasks given; known tasks: {', '.join(TASKS)}")
@@ -113,10 +121,11 @@ _SCHEMAS = {
 }
 
 
-def check_file(spec: TaskSpec, path: Path) -> tuple[float | None, int]:
-    """Validate every line of a local jsonl set; -> (chance accuracy, number of docs)."""
+def check_file(spec: TaskSpec, path: Path, limit: int | None = None) -> tuple[float | None, int]:
+    """Validate every line of a local jsonl set; -> (chance accuracy over the first `limit`
+    examples, the ones evaluated; number of examples in the file)."""
     schema = _SCHEMAS[spec.kind]
-    n, inv = 0, 0.0
+    n, inv, n_chance = 0, 0.0, 0
     try:
         f = open(path, encoding="utf-8")
     except OSError as e:
@@ -144,13 +153,15 @@ def check_file(spec: TaskSpec, path: Path) -> tuple[float | None, int]:
                     raise DfplanError(f"{where}: choices must be at least two non-empty strings")
                 if not 0 <= doc["gold"] < len(opts):
                     raise DfplanError(f"{where}: gold {doc['gold']} is not an index into {len(opts)} choices")
-                inv += 1.0 / len(opts)
+                if limit is None or n < limit:
+                    inv += 1.0 / len(opts)
+                    n_chance += 1
             elif not doc["continuation"].strip():
                 raise DfplanError(f"{where}: empty continuation")
             n += 1
     if n == 0:
         raise DfplanError(f"{path} holds no examples")
-    return (inv / n if spec.kind != "cloze" else None), n
+    return (inv / n_chance if spec.kind != "cloze" else None), n
 
 
 def task_yaml(task: ResolvedTask, hf_cache: Path) -> dict:
