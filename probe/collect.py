@@ -58,7 +58,7 @@ def _device(model) -> torch.device:
 
 @torch.no_grad()
 def read_model(model, ids: list[list[int]], answers: list[int], vocab: int, batch_size: int = 16,
-               desc: str = "probe") -> Readout:
+               desc: str = "probe", progress: bool = True) -> Readout:
     dev, N = _device(model), len(ids)
     S = model.config.n_layer + 1
     states = torch.empty(S, N, model.config.d_model)
@@ -66,7 +66,7 @@ def read_model(model, ids: list[list[int]], answers: list[int], vocab: int, batc
     logprob = torch.empty(S, N)
     top1 = torch.empty(S, N, dtype=torch.long)
     ans_all = torch.tensor(answers)
-    for idx, x, last in tqdm(list(_batches(ids, batch_size)), desc=desc, leave=False):
+    for idx, x, last in tqdm(list(_batches(ids, batch_size)), desc=desc, leave=False, disable=not progress):
         x, last = x.to(dev), last.to(dev)
         a = ans_all[idx].to(dev)
         rows = torch.arange(len(idx), device=dev)
@@ -100,7 +100,7 @@ class SwapReadout:
 
 @torch.no_grad()
 def read_swaps(teacher, student, ids: list[list[int]], answers: list[int], vocab: int,
-               batch_size: int = 16) -> SwapReadout:
+               batch_size: int = 16, progress: bool = True) -> SwapReadout:
     """For each block i: the teacher with its block i replaced by the student's block i
     (everything else the teacher's), read at the final layer. The teacher's streams are
     computed once per batch and reused as every suffix's input."""
@@ -112,7 +112,7 @@ def read_swaps(teacher, student, ids: list[list[int]], answers: list[int], vocab
     base_lp, base_rank = torch.empty(N), torch.empty(N, dtype=torch.long)
     ans_all = torch.tensor(answers)
     sblocks = student.backbone.layers
-    for idx, x, last in tqdm(list(_batches(ids, batch_size)), desc="swap", leave=False):
+    for idx, x, last in tqdm(list(_batches(ids, batch_size)), desc="swap", leave=False, disable=not progress):
         x, last = x.to(dev), last.to(dev)
         a = ans_all[idx].to(dev)
         rows = torch.arange(len(idx), device=dev)

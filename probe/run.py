@@ -129,7 +129,7 @@ def run_probe(o: ProbeOptions) -> dict:
     tok = _tokenizer(o, tok, teacher.config)
     ids, answers = encode(prompts, tok, teacher.config.vocab_size)
     V = teacher.config.vocab_size
-    rd_t = read_model(teacher, ids, answers, V, o.batch_size, desc="teacher")
+    rd_t = read_model(teacher, ids, answers, V, o.batch_size, "teacher", o.progress)
     rows_t, ph_t = _analyse(rd_t, labels, o, chance)
     models = [_model_summary("teacher", o.model, rd_t, rows_t, ph_t, o.top_k)]
     for r in rows_t:
@@ -140,7 +140,7 @@ def run_probe(o: ProbeOptions) -> dict:
         check_compatible(teacher, student)
         if stok is not None and fingerprint(stok) != fingerprint(tok):
             raise DfplanError(f"{o.compare} ships a different tokenizer than the teacher")
-        rd_s = read_model(student, ids, answers, V, o.batch_size, desc="student")
+        rd_s = read_model(student, ids, answers, V, o.batch_size, "student", o.progress)
         rows_s, ph_s = _analyse(rd_s, labels, o, chance)
         cos = torch.nn.functional.cosine_similarity(rd_t.states, rd_s.states, dim=-1).mean(1)   # (S,)
         for r, c in zip(rows_s, cos.tolist()):
@@ -148,7 +148,7 @@ def run_probe(o: ProbeOptions) -> dict:
         all_rows += rows_s
         models.append(_model_summary("student", o.compare, rd_s, rows_s, ph_s, o.top_k))
         if o.swap:
-            sw = read_swaps(teacher, student, ids, answers, V, o.batch_size)
+            sw = read_swaps(teacher, student, ids, answers, V, o.batch_size, o.progress)
             drop = (sw.base_logprob[None] - sw.logprob).mean(1).tolist()
             kl = sw.kl.mean(1).tolist()
             lost = ((sw.base_rank[None] < o.top_k) & (sw.rank >= o.top_k)).double().mean(1).tolist()
