@@ -1,9 +1,10 @@
 """Attention and MLP blocks of hybrid Mamba-2 models, built the way mamba_ssm builds them.
 
 MHA: one in_proj producing [q, k, v (+ gated-MLP branch)], grouped KV heads, rotary
-embedding on the first rotary_emb_dim dims of q and k (GPT-NeoX half rotation), causal
-softmax attention, out_proj over [context (+ MLP branch)]. Parameter names match
-mamba_ssm.modules.mha.MHA so the same state dicts load.
+embedding on the first rotary_emb_dim dims of q and k (GPT-NeoX half rotation), softmax
+attention, out_proj over [context (+ MLP branch)]. Parameter names and defaults match
+mamba_ssm.modules.mha.MHA so the same state dicts and attn_cfg load the same model; in
+particular causal defaults to False there and here (config loading warns about it).
 """
 from __future__ import annotations
 
@@ -32,7 +33,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 class MHA(nn.Module):
     def __init__(self, d_model: int, num_heads: int, num_heads_kv: int | None = None,
                  head_dim: int | None = None, mlp_dim: int = 0, qkv_proj_bias: bool = True,
-                 out_proj_bias: bool = True, softmax_scale: float | None = None, causal: bool = True,
+                 out_proj_bias: bool = True, softmax_scale: float | None = None, causal: bool = False,
                  rotary_emb_dim: int = 0, rotary_emb_base: float = 10000.0,
                  rotary_emb_interleaved: bool = False, d_conv: int = 0, layer_idx: int | None = None,
                  device=None, dtype=None):

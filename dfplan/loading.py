@@ -6,7 +6,8 @@ Model arguments understood everywhere (`--model M`):
   owner/name             Hugging Face hub id (downloaded when online)
 Both checkpoint dialects load with strict key matching: mamba_ssm keys
 (backbone.embedding.weight, ...) and transformers' Mamba2ForCausalLM keys
-(backbone.embeddings.weight, HF config names).
+(backbone.embeddings.weight, HF config names), each config read with its writer's defaults
+(README "Checkpoint compatibility" lists writers, versions and the tests that cover them).
 """
 from __future__ import annotations
 
@@ -16,12 +17,16 @@ from pathlib import Path
 
 import torch
 
-from .config import Mamba2Config
-from .errors import DfplanError
+from .config import EXTRA_FIELDS, Mamba2Config, check_no_dt_limit, parse_bool, parse_float, parse_int
+from .errors import DfplanError, warn
 from .fileio import atomic_path, write_json_atomic
 from .model import Mamba2LM, build_model
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+# Beside a mamba_ssm config.json: the fields its MambaConfig cannot hold (config.EXTRA_FIELDS);
+# mamba_ssm itself never reads this file.
+EXTRA_FILE = "dfplan_extra.json"
+MAMBA_SSM_EPS = 1e-5            # what mamba_ssm runs every norm with, whatever we store
 
 # transformers Mamba2Config name -> ours
 _HF_FIELDS = {
@@ -32,30 +37,65 @@ _HF_FIELDS = {
     "tie_word_embeddings": "tie_embeddings", "time_step_min": "dt_min", "time_step_max": "dt_max",
     "time_step_floor": "dt_init_floor",
 }
+# Keys transformers 4.4x / 5.x write that do not change the model's outputs (tokens ids,
+# init-only settings, bookkeeping), or that its Mamba2 ignores (rms_norm, norm_before_gate:
+# its mixer always gates before the norm, as we do). Checked ones: num_heads,
+# intermediate_size, hidden_act, time_step_limit.
+_HF_IGNORED = {
+    "model_type", "architectures", "transformers_version", "dtype", "torch_dtype", "_name_or_path",
+    "bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id",
+    "use_cache", "initializer_range", "rescale_prenorm_residual", "time_step_rank",
+    "time_step_init_scheme", "time_step_scale", "rms_norm", "norm_before_gate", "output_hidden_states",
+    "output_attentions", "return_dict", "torchscript", "id2label", "label2id", "problem_type",
+    "tokenizer_class", "is_encoder_decoder", "is_decoder", "add_cross_attention", "pruned_heads",
+    "chunk_size_feed_forward", "tie_encoder_decoder", "finetuning_task", "prefix",
+    "task_specific_params", "max_length", "num_heads", "intermediate_size", "hidden_act",
+    "time_step_limit",
+}
+# transformers' Mamba2Config default (4.4x and 5.x alike): a config without the key is untied.
+HF_TIE_DEFAULT = False
 
 
 def is_hf_config(d: dict) -> bool:
     return d.get("model_type") == "mamba2" or "hidden_size" in d
 
 
-def config_from_hf(d: dict, name: str = "custom") -> Mamba2Config:
-    lim = d.get("time_step_limit", (0.0, float("inf")))
-    if lim is not None and (float(lim[0]) != 0.0 or float(lim[1]) != float("inf")):
-        raise DfplanError(f"time_step_limit={lim} is not supported (only (0, inf))")
-    kw = {ours: d[hf] for hf, ours in _HF_FIELDS.items() if hf in d}
-    V = int(d["vocab_size"])
+def config_from_hf(d: dict, name: str = "custom", where: str = "config") -> Mamba2Config:
+    """transformers' Mamba2Config (as 4.4x and 5.x write it) -> ours, read as transformers reads it."""
+    if "time_step_limit" in d and d["time_step_limit"] is not None:
+        check_no_dt_limit(d["time_step_limit"], "time_step_limit", where)
+    act = d.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise DfplanError(f"hidden_act={act!r} in {where} is not supported (only silu)")
+    kw = {ours: Mamba2Config.parse_field(ours, d[hf], hf, where) for hf, ours in _HF_FIELDS.items() if hf in d}
+    kw.setdefault("tie_embeddings", HF_TIE_DEFAULT)
+    if "vocab_size" not in d:
+        raise DfplanError(f"{where} has no vocab_size")
+    V = parse_int(d["vocab_size"], "vocab_size", where)
     kw["pad_vocab_size_multiple"] = 16 if V % 16 == 0 else 1     # HF embeddings are not padded further
-    cfg = Mamba2Config(**kw, name=name)
-    if "num_heads" in d and int(d["num_heads"]) != cfg.nheads:
-        raise DfplanError(f"inconsistent HF config: num_heads={d['num_heads']} but "
-                          f"hidden_size*expand/head_dim={cfg.nheads}")
+    unknown = sorted(k for k in d if k not in _HF_FIELDS and k not in _HF_IGNORED)
+    if unknown:
+        warn(f"{where}: ignoring keys dfplan does not understand: {', '.join(unknown)}")
+    if parse_bool(d.get("norm_before_gate", False), "norm_before_gate", where):
+        warn(f"{where}: norm_before_gate=true is ignored, as transformers' Mamba2 ignores it "
+             "(it gates before the norm)")
+    cfg = Mamba2Config.from_fields(kw, name, where)
+    for key, derived in (("num_heads", cfg.nheads), ("intermediate_size", cfg.d_inner)):
+        if key in d and parse_int(d[key], key, where) != derived:
+            raise DfplanError(f"inconsistent config {where}: {key}={d[key]} but hidden_size, expand "
+                              f"and head_dim give {derived}")
     return cfg
 
 
 def config_to_hf(cfg: Mamba2Config) -> dict:
     if cfg.attn_layer_idx or cfg.d_intermediate:
         raise DfplanError("the transformers Mamba2 format has no attention/MLP layers; save as mamba_ssm")
+    if cfg.D_has_hdim or cfg.norm_before_gate:
+        raise DfplanError("the transformers Mamba2 format has no D_has_hdim / norm_before_gate; "
+                          "save as mamba_ssm")
     d = {ours_hf: getattr(cfg, ours) for ours_hf, ours in _HF_FIELDS.items()}
+    # time_step_limit as [0, Infinity] (4.4x's spelling): 5.x reads it too, while 4.4x cannot
+    # read 5.x's {"__float__": "Infinity"}.
     d.update(model_type="mamba2", architectures=["Mamba2ForCausalLM"], vocab_size=cfg.vocab_padded,
              num_heads=cfg.nheads, time_step_limit=[0.0, float("inf")], rescale_prenorm_residual=False,
              hidden_act="silu", norm_before_gate=False, rms_norm=True)
@@ -94,7 +134,28 @@ def load_config(model_arg: str) -> Mamba2Config:
         raise DfplanError(f"malformed config {path}: not a JSON object")
     if "dfplan_config" in raw:             # our packed checkpoints nest the model config
         raw = raw["dfplan_config"]
-    return config_from_hf(raw, d.name) if is_hf_config(raw) else Mamba2Config.from_dict(raw, d.name)
+    elif is_hf_config(raw):
+        return config_from_hf(raw, d.name, str(path))
+    return Mamba2Config.from_dict({**raw, **read_extras(d)}, d.name, str(path))
+
+
+def read_extras(d: Path) -> dict:
+    """The EXTRA_FILE beside a mamba_ssm config.json ({} when absent)."""
+    path = d / EXTRA_FILE
+    if not path.exists():
+        return {}
+    try:
+        extra = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DfplanError(f"malformed {path}: {e}") from None
+    if not isinstance(extra, dict):
+        raise DfplanError(f"malformed {path}: not a JSON object")
+    unknown = sorted(set(extra) - set(EXTRA_FIELDS))
+    if unknown:
+        warn(f"{path}: ignoring keys dfplan does not understand: {', '.join(unknown)}")
+    if "norm_epsilon" in extra:
+        parse_float(extra["norm_epsilon"], "norm_epsilon", str(path))
+    return {k: v for k, v in extra.items() if k in EXTRA_FIELDS}
 
 
 def read_state_dict(d: Path) -> dict[str, torch.Tensor]:
@@ -167,7 +228,8 @@ def load_model(model_arg: str, random_init: bool = False, dtype: torch.dtype | N
 
 def save_mamba_ssm(model: Mamba2LM, out_dir: str | os.PathLike, tokenizer=None,
                    safetensors: bool = False) -> Path:
-    """config.json + pytorch_model.bin (or model.safetensors) with mamba_ssm keys."""
+    """config.json (mamba_ssm's MambaConfig fields only) + pytorch_model.bin (or model.safetensors)
+    with mamba_ssm keys, + EXTRA_FILE with what MambaConfig cannot hold."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     sd = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -180,7 +242,12 @@ def save_mamba_ssm(model: Mamba2LM, out_dir: str | os.PathLike, tokenizer=None,
             sd["lm_head.weight"] = sd["backbone.embedding.weight"]
         with atomic_path(out / "pytorch_model.bin") as tmp:
             torch.save(sd, tmp)
-    write_json_atomic(out / "config.json", model.config.to_mamba_ssm_dict())
+    cfg = model.config
+    if cfg.norm_epsilon != MAMBA_SSM_EPS:
+        warn(f"norm_epsilon={cfg.norm_epsilon} has no place in mamba_ssm's config (it always uses "
+             f"{MAMBA_SSM_EPS}); dfplan keeps it in {out / EXTRA_FILE}")
+    write_json_atomic(out / EXTRA_FILE, cfg.extras_dict())
+    write_json_atomic(out / "config.json", cfg.to_mamba_ssm_dict())
     if tokenizer is not None:
         with atomic_path(out / "tokenizer.json") as tmp:
             tokenizer.save(str(tmp))

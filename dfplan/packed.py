@@ -3,7 +3,7 @@
 A packed directory holds
   model.safetensors  every payload tensor (specs.py layouts) + fixed tensors in the plan's
                      default dtype; keys are the model's state_dict keys;
-  config.json        {"format": "dfplan-packed", "name": ..., "dfplan_config": mamba_ssm config};
+  config.json        {"format": "dfplan-packed", "name": ..., "dfplan_config": Mamba2Config.to_dict()};
   plan.json          the Plan (formats/plan.py schema);
   tokenizer.json     optional;
   manifest.json      written last: sha256 + size of every file above, payload bytes, plan hash,
@@ -112,7 +112,7 @@ def save_packed(model: nn.Module, plan=None, out_dir: str | os.PathLike | None =
         # would make identical models give different bytes (the manifest carries the rest)
         save_file(tensors, str(tmp), metadata={"format": "pt"})
     write_json_atomic(out / CONFIG, {"format": PACKED_FORMAT, "name": cfg.name,
-                                     "dfplan_config": cfg.to_mamba_ssm_dict()})
+                                     "dfplan_config": cfg.to_dict()})
     plan.to_json(out / PLAN)
     files = [WEIGHTS, CONFIG, PLAN]
     if tokenizer is not None:

@@ -249,7 +249,7 @@ class _TeacherRun:
 
         save_mamba_ssm(self.model.eval(), self.out)
         meta = {
-            "preset": tc.preset, "config": prep.cfg.to_mamba_ssm_dict(), "parameters": self.model.num_parameters(),
+            "preset": tc.preset, "config": prep.cfg.to_dict(), "parameters": self.model.num_parameters(),
             "corpus": list(tc.corpus), "corpus_files": len(prep.files), "corpus_tokens": int(len(prep.tokens)),
             "corpus_key": prep.corpus_key, "tokenizer_sha256": fingerprint(prep.tok),
             "steps": st["step"], "seq_len": L, "batch_size": tc.batch_size,

@@ -98,7 +98,7 @@ def study_name(space: SearchSpace, sur: Surrogate, budget: int, sampler: str, ob
     """Stable name from the problem's definition: same inputs, same study (so reruns resume)."""
     h = hashlib.sha256()
     # the config's content, not its name (a directory name), so machines sharing a study agree
-    h.update(json.dumps({"model": space.cfg.to_mamba_ssm_dict(), "default": space.default.name, "fixed": space.fixed_bytes,
+    h.update(json.dumps({"model": space.cfg.to_dict(), "default": space.default.name, "fixed": space.fixed_bytes,
                          "units": [[u.unit.name, list(u.names), list(u.nbytes)] for u in space.units],
                          "budget": budget, "sampler": sampler, "objective": objective,
                          "extra": dict(extra or {})}, sort_keys=True).encode())

@@ -23,7 +23,7 @@ def model_fingerprint(model) -> str:
 
 
 def config_hash(cfg) -> str:
-    return hashlib.sha256(json.dumps(cfg.to_mamba_ssm_dict(), sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()
 
 
 def windows_hash(windows) -> str:

@@ -130,7 +130,7 @@ def _provenance(opts: RunOptions, model, fp: str, calib: dict, cfg: AnalyzerConf
     mcfg = model.config
     return {
         "format": "dfplan-sensitivity", "version": 1,
-        "model": {"arg": opts.model, "random_init": opts.random_init, "config": mcfg.to_mamba_ssm_dict(),
+        "model": {"arg": opts.model, "random_init": opts.random_init, "config": mcfg.to_dict(),
                   "config_sha256": config_hash(mcfg), "weights_sha256": fp,
                   "dtype": str(next(model.parameters()).dtype).removeprefix("torch.")},
         "calibration": calib,

@@ -41,7 +41,7 @@ def test_mamba_ssm_state_dict_has_reference_keys(tmp_path, tiny_model):
 
 def test_hybrid_roundtrip(tmp_path):
     cfg = Mamba2Config.preset("tiny").replace(d_intermediate=64, attn_layer_idx=(2,),
-                                              attn_cfg={"num_heads": 4, "rotary_emb_dim": 16})
+                                              attn_cfg={"num_heads": 4, "rotary_emb_dim": 16, "causal": True})
     m = build_model(cfg, seed=1).eval()
     save_mamba_ssm(m, tmp_path)
     loaded, _ = load_model(str(tmp_path))
@@ -72,7 +72,7 @@ def test_shape_mismatch_is_refused(tmp_path, tiny_model):
 
 
 @pytest.mark.parametrize("text,msg", [("{not json", "malformed config"), ("[1, 2]", "not a JSON object"),
-                                      ('{"d_model": 64, "n_layer": 2, "frobnicate": 1}', "does not know")])
+                                      ('{"d_model": "big", "n_layer": 2}', "cannot parse d_model")])
 def test_malformed_config(tmp_path, text, msg):
     (tmp_path / "config.json").write_text(text)
     with pytest.raises(DfplanError, match=msg):

@@ -38,7 +38,7 @@ def test_chunked_scan_fp32_close_to_float64():
 def _hybrid_cfg(**kw):
     return Mamba2Config.preset("tiny").replace(
         chunk_size=8, d_intermediate=100, attn_layer_idx=(1, 3),
-        attn_cfg=dict(num_heads=4, num_heads_kv=2, rotary_emb_dim=16, mlp_dim=64), **kw)
+        attn_cfg=dict(num_heads=4, num_heads_kv=2, rotary_emb_dim=16, mlp_dim=64, causal=True), **kw)
 
 
 @pytest.mark.parametrize("make_cfg", [
