@@ -1,0 +1,41 @@
+"""int8 x int8 GEMV through torch's fbgemm (dynamic-quantized linear) for CPU decoding.
+
+fbgemm packs the int8 weight once (prepack) and quantizes the activations per call; on the
+large output heads (vocab x d_model) it is several times faster than our int8 kernel. Its
+activation scale is per tensor, so each token row is passed alone: a row's result never
+depends on the other rows of the batch (batch == one at a time), like our per-token kernel.
+
+DFPLAN_FBGEMM=0 turns it off (the prepacked copy costs as many bytes as the int8 weight).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+MAX_ROWS = 16        # above this a prefill/eval batch goes to the per-token kernel instead
+
+
+def available() -> bool:
+    if os.environ.get("DFPLAN_FBGEMM", "1") == "0":
+        return False
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+def prepack(qweight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None):
+    """int8 (out, in) codes with per-row scale (out,) -> fbgemm's packed weight."""
+    with warnings.catch_warnings():     # quantized-tensor constructors warn of deprecation
+        warnings.simplefilter("ignore")
+        if torch.backends.quantized.engine != "fbgemm":
+            torch.backends.quantized.engine = "fbgemm"
+        zeros = torch.zeros(qweight.shape[0], dtype=torch.int64)
+        qw = torch._make_per_channel_quantized_tensor(qweight.contiguous(), scale.double(), zeros, 0)
+        return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
+
+
+def linear(x2: torch.Tensor, packed) -> torch.Tensor:
+    """x2 (T, in) float32, T <= MAX_ROWS -> (T, out) float32, one call per token row."""
+    if x2.shape[0] == 1:
+        return torch.ops.quantized.linear_dynamic(x2, packed, False)
+    return torch.cat([torch.ops.quantized.linear_dynamic(r, packed, False) for r in x2.split(1)])
