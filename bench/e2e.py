@@ -28,8 +28,7 @@ from dfplan.loading import load_config
 
 from . import schema
 from .common import memory_bandwidth
-from .variants import (Prepared, Sources, Variant, make_runner, prepare, resident_bytes,
-                       resolve_names, unavailable)
+from .variants import Prepared, Sources, Variant, make_runner, prepare, resident_bytes, resolve_names, unavailable
 
 
 @dataclass
@@ -197,9 +196,9 @@ def run_e2e(cfg: E2EConfig, log=print) -> dict:
         raise DfplanError("bench e2e: --device cuda but no CUDA device is visible")
     if cfg.prompt_len < 1 or cfg.gen_len < 1 or cfg.min_samples < 1 or cfg.warmup < 0:
         raise DfplanError("bench e2e: prompt and generation lengths, samples must be positive")
+    chosen = resolve_names(cfg.variants, cfg.device)
     if not cfg.random_init and str(cfg.model).startswith("preset:"):
         raise DfplanError(f"{cfg.model} has no weights; add --random-init")
-    chosen = resolve_names(cfg.variants, cfg.device)
     mcfg = load_config(cfg.model)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -79,7 +79,7 @@ def build(jobs: int = 2) -> LlamaCpp:
                     "llama-quantize", "-j", str(jobs)], check=True)
     # the bindings alone: LLAMA_BUILD=OFF skips compiling llama.cpp a second time
     env = {**os.environ, "CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}
-    subprocess.run([py, "-m", "pip", "install", "--no-deps", str(pkg)], check=True, env=env)
+    subprocess.run([py, "-m", "pip", "install", str(pkg)], check=True, env=env)
     found, why = find_llama_cpp()
     if found is None:
         raise RuntimeError(f"llama.cpp build finished but is incomplete: {why}")
