@@ -5,8 +5,9 @@ Depth index 0 is the embedding, index i >= 1 the stream after block i-1 (so a mo
 n_layer blocks has n_layer + 1 depths). The logit lens is the model's own head (final
 norm + lm_head / tied embedding) applied to the intermediate stream.
 
-Prompts are right-padded into batches: every layer is causal, so the state at a prompt's
-last real token does not see the padding after it.
+Prompts are right-padded into batches: Mamba layers and causal attention never let the
+state at a prompt's last real token see the padding after it. A hybrid with non-causal
+attention (mamba_ssm's default) would, so its batches hold prompts of one length only.
 """
 from __future__ import annotations
 
@@ -31,11 +32,23 @@ class Readout:
         return self.states.shape[0] - 1
 
 
-def _batches(ids: list[list[int]], batch_size: int):
-    """Index batches grouped by length (less padding); yields (indices, (B, L) ids, (B,) last pos)."""
+def _groups(ids: list[list[int]], batch_size: int, same_length: bool):
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
-    for s in range(0, len(order), batch_size):
-        idx = order[s:s + batch_size]
+    if not same_length:
+        return [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    by_len: dict[int, list[int]] = {}
+    for i in order:
+        by_len.setdefault(len(ids[i]), []).append(i)
+    return [g[s:s + batch_size] for g in by_len.values() for s in range(0, len(g), batch_size)]
+
+
+def _needs_same_length(model) -> bool:
+    return any(blk.is_attention and not getattr(blk.mixer, "causal", True) for blk in model.backbone.layers)
+
+
+def _batches(ids: list[list[int]], batch_size: int, same_length: bool = False):
+    """Index batches grouped by length (less padding); yields (indices, (B, L) ids, (B,) last pos)."""
+    for idx in _groups(ids, batch_size, same_length):
         L = max(len(ids[i]) for i in idx)
         x = torch.zeros(len(idx), L, dtype=torch.long)
         for r, i in enumerate(idx):
@@ -66,7 +79,8 @@ def read_model(model, ids: list[list[int]], answers: list[int], vocab: int, batc
     logprob = torch.empty(S, N)
     top1 = torch.empty(S, N, dtype=torch.long)
     ans_all = torch.tensor(answers)
-    for idx, x, last in tqdm(list(_batches(ids, batch_size)), desc=desc, leave=False, disable=not progress):
+    batches = list(_batches(ids, batch_size, _needs_same_length(model)))
+    for idx, x, last in tqdm(batches, desc=desc, leave=False, disable=not progress):
         x, last = x.to(dev), last.to(dev)
         a = ans_all[idx].to(dev)
         rows = torch.arange(len(idx), device=dev)
@@ -112,7 +126,8 @@ def read_swaps(teacher, student, ids: list[list[int]], answers: list[int], vocab
     base_lp, base_rank = torch.empty(N), torch.empty(N, dtype=torch.long)
     ans_all = torch.tensor(answers)
     sblocks = student.backbone.layers
-    for idx, x, last in tqdm(list(_batches(ids, batch_size)), desc="swap", leave=False, disable=not progress):
+    batches = list(_batches(ids, batch_size, _needs_same_length(teacher) or _needs_same_length(student)))
+    for idx, x, last in tqdm(batches, desc="swap", leave=False, disable=not progress):
         x, last = x.to(dev), last.to(dev)
         a = ans_all[idx].to(dev)
         rows = torch.arange(len(idx), device=dev)

@@ -133,6 +133,16 @@ def test_padding_does_not_change_the_last_token_readout():
     assert torch.equal(alone.rank, batched.rank)
 
 
+def test_noncausal_attention_hybrid_is_batched_without_padding():
+    hybrid = Mamba2Config(d_model=64, n_layer=2, vocab_size=300, d_state=16, headdim=16, chunk_size=16,
+                          attn_layer_idx=(1,), attn_cfg={"num_heads": 4}, name="hybrid")   # causal=False
+    m = build_model(hybrid, seed=0).eval()
+    ids, answers = planted_prompts(6)
+    alone = read_model(m, ids, answers, hybrid.vocab_size, batch_size=1)
+    batched = read_model(m, ids, answers, hybrid.vocab_size, batch_size=6)
+    torch.testing.assert_close(alone.states, batched.states, rtol=1e-4, atol=1e-5)
+
+
 def test_swap_is_exact_for_an_identical_student_and_blames_the_planting_block():
     teacher = planted_model()
     ids, answers = planted_prompts(16)
