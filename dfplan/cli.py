@@ -15,6 +15,7 @@ from .errors import DfplanError
 
 # name -> one-line help; the module dfplan.commands.<name> provides `command`.
 SUBCOMMANDS = {
+    "init": "Write dfplan.toml: default model, corpus and run folder for later commands.",
     "zoo": "Train or list built-in teacher models.",
     "size": "Exact packed size of a model under a plan or layout.",
     "sensitivity": "Per-layer KL sensitivity of every candidate format.",

@@ -5,7 +5,13 @@ Data-parallel: launch the same command with torchrun (e.g. `torchrun --nproc-per
 """
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
+
+from ..errors import DfplanError
+from ..runfolder import check_model_arg, check_out_dir, check_same_model
+from ..sizes import parse_count
 
 
 def _info(msg: str) -> None:
@@ -23,22 +29,22 @@ def _info(msg: str) -> None:
 @click.option("--seq-len", default=512, show_default=True, type=click.IntRange(min=2))
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1),
               help="Windows per step over all processes.")
-@click.option("--stage1-fraction", default=0.38, show_default=True, type=float,
+@click.option("--stage1-fraction", type=click.FloatRange(0, 1), default=0.38, show_default=True,
               help="Share of the tokens for stage 1 (annealing the latent weights).")
-@click.option("--anneal-fraction", default=0.8, show_default=True, type=float,
+@click.option("--anneal-fraction", type=click.FloatRange(0, 1), default=0.8, show_default=True,
               help="Share of stage 1 over which a rises 0 -> 1.")
-@click.option("--final-fraction", default=0.25, show_default=True, type=float,
+@click.option("--final-fraction", type=click.FloatRange(0, 1), default=0.25, show_default=True,
               help="Share of stage 2 trained with integer corrections in the forward.")
-@click.option("--lr-latent", default=3e-4, show_default=True, type=float,
+@click.option("--lr-latent", type=click.FloatRange(0, min_open=True), default=3e-4, show_default=True,
               help="Latent weights (stage 1; IntN units throughout).")
-@click.option("--lr-correction", default=3e-3, show_default=True, type=float, help="Low-rank U, V.")
-@click.option("--lr-scale", default=3e-4, show_default=True, type=float, help="Binary row / FBI scales.")
-@click.option("--lr-norm", default=3e-4, show_default=True, type=float, help="RMSNorm weights (--train-norms).")
+@click.option("--lr-correction", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True, help="Low-rank U, V.")
+@click.option("--lr-scale", type=click.FloatRange(0, min_open=True), default=3e-4, show_default=True, help="Binary row / FBI scales.")
+@click.option("--lr-norm", type=click.FloatRange(0, min_open=True), default=3e-4, show_default=True, help="RMSNorm weights (--train-norms).")
 @click.option("--correction-from", type=click.Choice(["latent", "teacher"]), default="latent", show_default=True,
               help="Stage-2 corrections start from the residual of the annealed latent or of the teacher.")
-@click.option("--kl-weight", default=0.7, show_default=True, type=float)
-@click.option("--ce-weight", default=0.3, show_default=True, type=float)
-@click.option("--temperature", default=2.0, show_default=True, type=float)
+@click.option("--kl-weight", type=click.FloatRange(0), default=0.7, show_default=True)
+@click.option("--ce-weight", type=click.FloatRange(0), default=0.3, show_default=True)
+@click.option("--temperature", type=click.FloatRange(0, min_open=True), default=2.0, show_default=True)
 @click.option("--train-norms", is_flag=True, help="Also train the RMSNorm weights (frozen by default).")
 @click.option("--checkpoint-every", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--eval-corpus", multiple=True, help="Held-out text for eval.json [valid split of --corpus].")
@@ -52,9 +58,15 @@ def command(teacher, plan_arg, corpus, tokens, out, glob_, tokenizer, seq_len, b
             anneal_fraction, final_fraction, lr_latent, lr_correction, lr_scale, lr_norm, correction_from, kl_weight,
             ce_weight, temperature, train_norms, checkpoint_every, eval_corpus, eval_windows, eval_seq_len,
             seed, device, threads, resume):
+    # checked before torch is imported or the teacher loaded
+    check_model_arg(teacher, "--teacher")
+    if not plan_arg.startswith("layout:") and not Path(plan_arg).is_file():
+        raise DfplanError(f"--plan {plan_arg!r} is neither a plan.json file nor layout:NAME")
+    parse_count(tokens)
+    outp = check_out_dir(out)
+    check_same_model(outp.parent, teacher)
     from ..distill.losses import LossConfig
     from ..distill.run import DistillJob, run_distill
-    from ..sizes import parse_count
     from ..distill.trainer import DistillConfig
     from ..distributed import init_from_env
 

@@ -5,20 +5,27 @@ import sys
 
 import click
 
+from ..project import default
+from ..runfolder import check_model_arg, claim_run, record_run
+from ..sizes import parse_bytes
+
 
 def _info(msg: str) -> None:
     click.echo(msg, err=True)
 
 
 @click.command(name="search", help="Choose per-layer formats under a memory budget.\n\n"
+               "  dfplan search --budget 300MB            (model, run folder from ./dfplan.toml)\n"
                "  dfplan search --model runs/teacher --budget 300MB --out run\n"
                "  dfplan search --model preset:mamba2-1.3b --random-init --budget 278MB --out run")
-@click.option("--model", "model_arg", required=True,
-              help="Checkpoint dir, hub id or preset:NAME (config only; weights only for --objective measured).")
+@click.option("--model", "model_arg", default=None,
+              help="Checkpoint dir, hub id or preset:NAME (config only; weights only for --objective measured) "
+                   "[dfplan.toml's model].")
 @click.option("--budget", required=True, help="Byte budget: 300MB (10^6), 278MiB (2^20), 2.5GB or plain bytes.")
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Run directory (plan.json, plan.md, study.db).")
+@click.option("--out", default=None, type=click.Path(file_okay=False),
+              help="Run directory (plan.json, plan.md, study.db) [dfplan.toml's run].")
 @click.option("--sensitivity", default=None, type=click.Path(dir_okay=False),
-              help="Sensitivity table (default: OUT/sensitivity.csv).")
+              help="Sensitivity table [dfplan.toml's sensitivity, else OUT/sensitivity.csv].")
 @click.option("--solver", type=click.Choice(["milp", "tpe", "nsga2", "all"]), default="milp", show_default=True,
               help="milp: exact optimum of the additive KL; tpe / nsga2: Optuna, warm-started from it.")
 @click.option("--trials", default=200, show_default=True, type=click.IntRange(min=0),
@@ -28,7 +35,8 @@ def _info(msg: str) -> None:
 @click.option("--storage", default=None,
               help="Optuna RDB URL (default sqlite:///OUT/study.db; e.g. postgresql://user@host/db to share a "
                    "study), or 'memory' for a study that is not kept.")
-@click.option("--corpus", multiple=True, help="Held-out text for --objective measured: file, folder, glob or 'builtin'.")
+@click.option("--corpus", multiple=True, help="Held-out text for --objective measured: file, folder, glob or 'builtin' "
+              "[dfplan.toml's corpus].")
 @click.option("--tokenizer", default=None, help="tokenizer.json or hub id (default: the model's own).")
 @click.option("--heldout-windows", default=16, show_default=True, type=click.IntRange(min=1),
               help="Held-out windows per measured plan.")
@@ -44,8 +52,19 @@ def _info(msg: str) -> None:
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--time-limit", default=120.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds per MILP solve.")
+@click.option("--force", is_flag=True, help="Write into a non-empty --out that is not this model's run folder.")
 def command(model_arg, budget, out, sensitivity, solver, trials, objective, storage, corpus, tokenizer,
-            heldout_windows, seq_len, validate, random_init, prior, front_points, seed, time_limit):
+            heldout_windows, seq_len, validate, random_init, prior, front_points, seed, time_limit, force):
+    # everything a user can get wrong is checked here, before torch or a model is loaded
+    model_arg = default(model_arg, "model", "--model", "search")
+    out = default(out, "run", "--out", "search")
+    if objective == "measured" or validate:
+        corpus = default(corpus, "corpus", "--corpus", "search", required=False)
+    if not (random_init or prior):
+        sensitivity = default(sensitivity, "sensitivity", "--sensitivity", "search", required=False)
+    check_model_arg(model_arg)
+    parse_bytes(budget)
+    claim = claim_run(out, model_arg, force=force, random_init=random_init, command="search")
     from ..planner.run import SearchOptions, search
     search(SearchOptions(model=model_arg, budget=budget, out=out, sensitivity=sensitivity, solver=solver,
                          trials=trials, objective=objective, storage=storage, corpus=tuple(corpus),
@@ -54,3 +73,4 @@ def command(model_arg, budget, out, sensitivity, solver, trials, objective, stor
                          validate=validate, time_limit=time_limit, progress=sys.stderr.isatty(),
                          argv=tuple(sys.argv[1:])),
            say=_info)
+    record_run(claim, "search")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import click
 
 from ..errors import DfplanError
+from ..project import default
+from ..runfolder import check_model_arg, check_out_file, claim_if_run_folder, record_run
 
 
 def _top_k(text: str) -> tuple[int, ...]:
@@ -40,16 +42,33 @@ def _top_k(text: str) -> tuple[int, ...]:
 @click.option("--restart", is_flag=True, help="Discard partial results of an interrupted run.")
 @click.option("--random-init", is_flag=True, help="Random weights (with preset:NAME): for timing only.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Table to write, e.g. run/sensitivity.csv.")
+@click.option("--out", default=None, type=click.Path(dir_okay=False),
+              help="Table to write, e.g. run/sensitivity.csv [dfplan.toml's sensitivity].")
+@click.option("--force", is_flag=True, help="Write into a folder that holds another model's run or foreign files.")
 @click.pass_context
 def command(ctx, model_arg, corpus, tokenizer, candidates, windows, seq_len, seed, batch_windows, max_batch_tokens,
-            blocks, units, nproc, threads, restart, random_init, device, out):
+            blocks, units, nproc, threads, restart, random_init, device, out, force):
     if ctx.invoked_subcommand is not None:
         return
+    model_arg = default(model_arg, "model", "--model", "sensitivity", required=False)
+    corpus = default(corpus, "corpus", "--corpus", "sensitivity", required=False)
+    out = default(out, "sensitivity", "--out", "sensitivity", required=False)
     missing = [n for n, v in (("--model", model_arg), ("--corpus", corpus), ("--out", out)) if not v]
     if missing:
         raise DfplanError(f"dfplan sensitivity needs {', '.join(missing)} "
-                          "(e.g. --model runs/teacher --corpus builtin --out run/sensitivity.csv)")
+                          "(e.g. --model runs/teacher --corpus builtin --out run/sensitivity.csv, "
+                          "or defaults from a dfplan.toml written by `dfplan init`)")
+    # checked before torch is imported: a bad path costs a fraction of a second, not a model load
+    check_model_arg(model_arg)
+    outp = check_out_file(out)
+    if outp.suffix.lower() != ".csv":
+        raise DfplanError(f"--out {out} must name a .csv file (parquet and JSON are written beside it)")
+    stem = outp.stem
+    own = {f"{stem}{x}" for x in (".csv", ".parquet", ".json", "_blocks.csv", "_blocks.parquet", ".partial")}
+    if outp.exists() and not outp.with_suffix(".json").exists() and not force:
+        raise DfplanError(f"--out {out} exists and is not a sensitivity table written by dfplan; "
+                          "choose another name or pass --force")
+    claim = claim_if_run_folder(outp.parent, model_arg, force=force, random_init=random_init, own=own)
     from ..sensitivity.run import RunOptions, run_sensitivity
     prov = run_sensitivity(RunOptions(
         model=model_arg, corpus=tuple(corpus), out=out, tokenizer=tokenizer, candidates=candidates,
@@ -57,6 +76,8 @@ def command(ctx, model_arg, corpus, tokenizer, candidates, windows, seq_len, see
         max_batch_tokens=max_batch_tokens, blocks=blocks, units=tuple(units), nproc=nproc, threads=threads,
         restart=restart, random_init=random_init, device=device))
     if prov is not None:
+        if claim is not None:
+            record_run(claim, "sensitivity")
         c = prov["cost"]
         click.echo(f"wrote {out}: {c['unit_rows']} unit rows, {c['block_rows']} block rows; "
                    f"{c['block_forwards']} block-forwards (full forwards would need "

@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from ..errors import DfplanError
+from ..runfolder import check_model_arg
 from ..formats.layouts import describe_layouts, layout_names
 
 
@@ -45,6 +46,7 @@ _LAYOUT_HELP = "Built-in layout: " + "; ".join(f"{k} = {v}" for k, v in describe
 @click.option("--layout", type=click.Choice(layout_names()), default=None, help=_LAYOUT_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print {total_bytes, components} with exact ints.")
 def command(model_arg, plan_path, layout, as_json):
+    check_model_arg(model_arg)
     from ..formats.size import dfssm_comparison, format_table
 
     cfg, report, source = size_report(model_arg, plan_path, layout)
@@ -55,6 +57,12 @@ def command(model_arg, plan_path, layout, as_json):
     click.echo(format_table(report))
     click.echo(f"total {report.total_bytes:,} bytes = {report.total_bytes / 1e6:,.2f} MB "
                f"({report.total_bytes / 2**20:,.2f} MiB); MB = 10^6 bytes; safetensors header not included")
-    if layout == "dfssm":
+    if layout == "dfssm" and _is_paper_model(cfg):
         click.echo("\nagainst the DF-SSM paper's breakdown:")
         click.echo(dfssm_comparison(report))
+
+
+def _is_paper_model(cfg) -> bool:
+    """The paper's breakdown is for Mamba-2 1.3B; beside any other model it would mislead."""
+    from ..config import Mamba2Config
+    return cfg.to_mamba_ssm_dict() == Mamba2Config.preset("1.3b").to_mamba_ssm_dict()

@@ -1,7 +1,12 @@
 """`dfplan zoo`: train or list the built-in teachers."""
 from __future__ import annotations
 
+import os
+
 import click
+
+from ..errors import DfplanError
+from ..runfolder import check_out_dir
 
 
 def _info(msg: str) -> None:
@@ -20,18 +25,24 @@ def command():
 @click.option("--glob", "glob_", default="*.txt", show_default=True, help="File pattern inside corpus folders.")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output folder for the teacher.")
 @click.option("--tokenizer", default=None, help="Use this tokenizer.json / hub id instead of training a BPE.")
-@click.option("--steps", type=int, default=None, help="Optimizer steps [preset default].")
-@click.option("--seq-len", type=int, default=None, help="Training window length [preset default].")
-@click.option("--batch-size", type=int, default=None, help="Windows per step [preset default].")
-@click.option("--lr", type=float, default=None, help="Peak learning rate [preset default].")
-@click.option("--warmup", type=int, default=None, help="Warmup steps [10% of steps, at most 100].")
-@click.option("--eval-every", type=int, default=None, help="Validate every N steps [steps/5].")
-@click.option("--ckpt-every", type=int, default=None, help="Checkpoint every N steps [= --eval-every].")
+@click.option("--steps", type=click.IntRange(min=1), default=None, help="Optimizer steps [preset default].")
+@click.option("--seq-len", type=click.IntRange(min=2), default=None, help="Training window length [preset default].")
+@click.option("--batch-size", type=click.IntRange(min=1), default=None, help="Windows per step [preset default].")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None, help="Peak learning rate [preset default].")
+@click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warmup steps [10% of steps, at most 100].")
+@click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Validate every N steps [steps/5].")
+@click.option("--ckpt-every", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps [= --eval-every].")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=int, default=None, help="torch CPU threads [torch default].")
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [torch default].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
+@click.option("--force", is_flag=True, help="Train into a non-empty --out that holds no teacher run.")
 def train(preset, corpus, glob_, out, tokenizer, steps, seq_len, batch_size, lr, warmup, eval_every,
-          ckpt_every, seed, threads, resume):
+          ckpt_every, seed, threads, resume, force):
+    outp = check_out_dir(out)                 # before torch: bad paths fail in a fraction of a second
+    if outp.is_dir() and not force and os.listdir(outp) and not (
+            (outp / "zoo.json").exists() or (outp / "checkpoint.pt").exists()):
+        raise DfplanError(f"--out {out} is not empty and holds no teacher run; choose an empty folder "
+                          "or pass --force")
     from ..zoo import TrainConfig, train_teacher
     tc = TrainConfig(out=out, preset=preset, corpus=tuple(corpus), glob=glob_, tokenizer=tokenizer,
                      steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, warmup=warmup,
