@@ -146,6 +146,61 @@ def _validate_plans(space, sur, evaluator, chosen, front, uniforms, k: int, say)
     return rows
 
 
+def _run_samplers(o: SearchOptions, space, sur, budget: int, milp, front, uniforms, evaluator, storage: str,
+                  say) -> dict:
+    """Each requested Optuna sampler on its (resumable) study -> {sampler: result}."""
+    runs = {}
+    for s in [s for s in SAMPLERS if o.solver in (s, "all")]:
+        # feasible starting points: random plans of a big model almost never fit a tight budget
+        warm = ([milp.assignment] + [p.assignment for p in front if p.total_bytes <= budget][-8:]
+                + [u.assignment for u in uniforms if u.total_bytes <= budget][-4:])
+        try:
+            res = run_search(space, sur, budget, sampler=s, n_trials=o.trials, storage=storage,
+                             objective=o.objective, evaluator=evaluator, warm_starts=warm, seed=o.seed,
+                             progress=o.progress)
+        except KeyboardInterrupt:
+            say(f"interrupted: the {s} study in {redact_url(storage)} keeps its finished trials; "
+                f"rerun the same command to resume it")
+            raise
+        runs[s] = res
+        b = res.best
+        say(f"{s}: {res.n_trials} trials ({res.n_new} new, {res.seconds:.1f} s), best "
+            + ("none feasible" if b is None else f"KL {b.value:.6g} at {format_bytes(b.total_bytes, False)}"))
+    return runs
+
+
+def _choose(o: SearchOptions, milp, runs: dict, evaluator) -> tuple[dict, str, float | None]:
+    """The chosen plan and what produced it: a sampler only when it beat the MILP optimum
+    -> (assignment, solver, measured KL or None)."""
+    chosen, solver_used, chosen_kl_measured = milp.assignment, "milp", None
+    milp_names = {k: v.name for k, v in milp.assignment.items()}
+    if o.objective == "measured":
+        bests = [(k, r.best) for k, r in runs.items() if r.best is not None and r.best.measured]
+        if bests:
+            k, b = min(bests, key=lambda kb: (kb[1].value, kb[1].total_bytes))
+            chosen, chosen_kl_measured = dict(b.assignment), b.value
+            solver_used = "milp" if b.assignment == milp_names else k
+        else:   # solver milp only: measure the certified predicted optimum
+            chosen_kl_measured = float(evaluator(milp.assignment))
+    else:
+        better = [(k, r.best) for k, r in runs.items() if r.best is not None and r.best.value < milp.predicted_kl]
+        if better:
+            solver_used, b = min(better, key=lambda kb: kb[1].value)
+            chosen = dict(b.assignment)
+    return chosen, solver_used, chosen_kl_measured
+
+
+def _corrected(sur, runs: dict, validation: list) -> tuple:
+    """The surrogate with a correction fitted on every measured plan we have -> (surrogate, info)."""
+    measured_pts = [(t.additive_kl, t.value) for r in runs.values() for t in r.trials if t.measured]
+    measured_pts += [(v["additive_kl"], v["measured_kl"]) for v in validation]
+    if not measured_pts:
+        return sur, None
+    a, m = zip(*measured_pts)
+    corr = fit_correction(a, m)
+    return sur.with_correction(corr), {"correction": corr.to_dict(), "tracking": tracking(a, m, corr).to_dict()}
+
+
 def search(o: SearchOptions, say=print) -> Plan:
     """Run the search described by `o`; writes OUT/plan.json, plan.md, pareto.csv; -> the Plan."""
     t0 = time.perf_counter()
@@ -171,43 +226,9 @@ def search(o: SearchOptions, say=print) -> Plan:
     front = pareto_front(space, sur, n_points=o.front_points, time_limit=o.time_limit)
     uniforms = uniform_allocations(space, sur)
 
-    chosen, solver_used = milp.assignment, "milp"
-    chosen_kl_measured = None
-    runs = {}
-    samplers = [s for s in SAMPLERS if o.solver in (s, "all")]
     storage = o.storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    for s in samplers:
-        # feasible starting points: random plans of a big model almost never fit a tight budget
-        warm = ([milp.assignment] + [p.assignment for p in front if p.total_bytes <= budget][-8:]
-                + [u.assignment for u in uniforms if u.total_bytes <= budget][-4:])
-        try:
-            res = run_search(space, sur, budget, sampler=s, n_trials=o.trials, storage=storage,
-                             objective=o.objective, evaluator=evaluator, warm_starts=warm, seed=o.seed,
-                             progress=o.progress)
-        except KeyboardInterrupt:
-            say(f"interrupted: the {s} study in {redact_url(storage)} keeps its finished trials; "
-                f"rerun the same command to resume it")
-            raise
-        runs[s] = res
-        b = res.best
-        say(f"{s}: {res.n_trials} trials ({res.n_new} new, {res.seconds:.1f} s), best "
-            + ("none feasible" if b is None else f"KL {b.value:.6g} at {format_bytes(b.total_bytes, False)}"))
-
-    # the chosen plan and what produced it: a sampler only when it beat the MILP optimum
-    milp_names = {k: v.name for k, v in milp.assignment.items()}
-    if o.objective == "measured":
-        bests = [(k, r.best) for k, r in runs.items() if r.best is not None and r.best.measured]
-        if bests:
-            k, b = min(bests, key=lambda kb: (kb[1].value, kb[1].total_bytes))
-            chosen, chosen_kl_measured = dict(b.assignment), b.value
-            solver_used = "milp" if b.assignment == milp_names else k
-        else:   # solver milp only: measure the certified predicted optimum
-            chosen_kl_measured = float(evaluator(milp.assignment))
-    else:
-        better = [(k, r.best) for k, r in runs.items() if r.best is not None and r.best.value < milp.predicted_kl]
-        if better:
-            solver_used, b = min(better, key=lambda kb: kb[1].value)
-            chosen = dict(b.assignment)
+    runs = _run_samplers(o, space, sur, budget, milp, front, uniforms, evaluator, storage, say)
+    chosen, solver_used, chosen_kl_measured = _choose(o, milp, runs, evaluator)
 
     # plans measured to check the surrogate: front points and uniform allocations
     validation = []
@@ -216,15 +237,7 @@ def search(o: SearchOptions, say=print) -> Plan:
         if chosen_kl_measured is None:
             chosen_kl_measured = validation[0]["measured_kl"]
 
-    # correction fitted on every measured plan we have
-    corr_info = None
-    measured_pts = [(t.additive_kl, t.value) for r in runs.values() for t in r.trials if t.measured]
-    measured_pts += [(v["additive_kl"], v["measured_kl"]) for v in validation]
-    if measured_pts:
-        a, m = zip(*measured_pts)
-        corr = fit_correction(a, m)
-        sur = sur.with_correction(corr)
-        corr_info = {"correction": corr.to_dict(), "tracking": tracking(a, m, corr).to_dict()}
+    sur, corr_info = _corrected(sur, runs, validation)
 
     nbytes = space.total_bytes(chosen)
     assert nbytes <= budget
