@@ -145,14 +145,15 @@ def read_run(folder) -> dict | None:
 
 
 def claim_run(folder, model_arg: str, *, force: bool = False, random_init: bool = False,
-              command: str = "", own: set | frozenset = frozenset()) -> RunClaim:
+              command: str = "", own: set | frozenset = frozenset(), check_model: bool = True) -> RunClaim:
     """Check that `folder` may take outputs computed from `model_arg` (writes nothing).
 
-    own: further names this command writes (e.g. a sensitivity table named after --out)."""
+    own: further names this command writes (e.g. a sensitivity table named after --out);
+    check_model False: only the folder (the demo, whose model does not exist yet)."""
     folder = check_out_dir(folder)
-    fp = model_fingerprint(model_arg, random_init)
+    fp = model_fingerprint(model_arg, random_init) if check_model else ""
     run = read_run(folder)
-    if run is not None:
+    if run is not None and check_model:
         if run.get("fingerprint") != fp and not force:
             raise DfplanError(f"{folder} holds outputs of model {run.get('model')!r} "
                               f"({str(run.get('fingerprint'))[:12]}), not of {model_arg!r} ({fp[:12]}); "

@@ -126,11 +126,13 @@ def test_demo_command_teacher_stage(tmp_path, capsys, monkeypatch, text_file):
     import dfplan.commands.demo as demo
     # only the teacher stage: the later stages have their own tests and take minutes
     monkeypatch.setattr(demo, "STAGES", demo.STAGES[:1])
+    monkeypatch.chdir(tmp_path)             # the demo writes ./dfplan.toml
     argv = ["demo", "--out", str(tmp_path / "demo"), "--corpus", str(text_file), "--teacher-steps", "2",
             "--seq-len", "16", "--threads", "1"]
     rc, out, err = run(argv, capsys)
     assert rc == 0, err
     assert "teacher" in out and "done" in out and "val ppl" in out
     assert (tmp_path / "demo" / "teacher" / "zoo.json").is_file()
+    assert 'model = "' in (tmp_path / "dfplan.toml").read_text()
     rc, out, _ = run(argv, capsys)
     assert rc == 0 and "cached" in out

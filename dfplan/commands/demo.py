@@ -64,6 +64,8 @@ def _cli(argv: list[str], log: Path) -> None:
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "w") as f, contextlib.redirect_stdout(f):
         rc = main(argv)
+    if rc == 130:                           # Ctrl-C inside the stage: stop the whole demo
+        raise KeyboardInterrupt
     if rc != 0:
         raise DfplanError(f"'dfplan {argv[0]}' exited with status {rc}")
 
@@ -217,14 +219,56 @@ def run_demo(c: DemoConfig, stages: tuple[Stage, ...] | None = None) -> list[dic
               help="Memory budget: percent of the teacher's fp16 size, or bytes (300kB, 1MB).")
 @click.option("--distill-tokens", default="100k", show_default=True)
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
-def command(out, corpus, heldout, teacher_steps, seq_len, budget, distill_tokens, threads):
+@click.option("--resume", is_flag=True, help="Continue an interrupted demo (what a rerun always does: "
+              "finished stages are kept, an interrupted one continues).")
+@click.option("--force", is_flag=True, help="Use a non-empty --out that is not a dfplan run folder.")
+def command(out, corpus, heldout, teacher_steps, seq_len, budget, distill_tokens, threads, resume, force):
+    _check_options(out, budget, distill_tokens, force)     # before torch: fails in a fraction of a second
+    click.echo(f"demo: run folder {out}; stages {' -> '.join(s.name for s in STAGES)} "
+               "(finished stages are skipped)", err=True)
     from tabulate import tabulate
     c = DemoConfig(out=out, corpus=tuple(corpus), heldout=tuple(heldout), teacher_steps=teacher_steps,
                    seq_len=seq_len, budget=budget, distill_tokens=distill_tokens, threads=threads)
     t0 = time.perf_counter()
-    rows = run_demo(c)
+    try:
+        rows = run_demo(c)
+    except KeyboardInterrupt:
+        click.echo(f"demo interrupted; `dfplan demo --out {out}` (or `make demo`) continues where it stopped",
+                   err=True)
+        raise
+    _write_project(c)
     click.echo(tabulate(rows, headers="keys"))
     click.echo(f"demo: {time.perf_counter() - t0:.0f}s, outputs in {c.run}")
     failed = [r["stage"] for r in rows if r["status"].startswith("failed")]
     if failed:
         raise DfplanError(f"demo stage(s) failed: {', '.join(failed)}; see the messages above")
+
+
+def _check_options(out: str, budget: str, distill_tokens: str, force: bool) -> None:
+    from ..runfolder import claim_run
+    from ..sizes import parse_bytes, parse_count
+    if budget.endswith("%"):
+        try:
+            pct = float(budget[:-1])
+        except ValueError:
+            pct = -1.0
+        if not 0 < pct <= 100:
+            raise DfplanError(f"--budget {budget!r}: a percentage must be in (0, 100]")
+    else:
+        parse_bytes(budget)
+    parse_count(distill_tokens)
+    claim_run(out, "", force=force, command="demo", check_model=False)
+
+
+def _write_project(c: DemoConfig) -> None:
+    """./dfplan.toml pointing at the demo's run (never over an existing one), so the next
+    `dfplan search --budget 300kB` works as written."""
+    from ..project import project_path, write_project
+    if project_path().exists() or not (c.teacher / "zoo.json").exists():
+        return
+    try:
+        path = write_project({"model": str(c.teacher), "corpus": list(c.corpus), "run": str(c.run),
+                              "sensitivity": str(c.run / "sensitivity.csv")})
+    except OSError:
+        return
+    click.echo(f"wrote {path}: `dfplan search --budget 300kB` now plans for the demo's teacher", err=True)
