@@ -173,10 +173,20 @@ class DynamicModel(nn.Module):
         return base.head(hidden, residual)
 
 
+def _nbytes(mods) -> int:
+    return sum(t.numel() * t.element_size() for m in mods
+               for t in list(m.parameters()) + list(m.buffers()))
+
+
+def bandwidth_bound_speedup(model, dyn: DynamicModel) -> float:
+    """Full over sliced bytes streamed per decode step (blocks + output head): the speedup a
+    purely weight-bandwidth-bound step would get; the embedding row read is negligible."""
+    head = model.lm_head if model.lm_head is not None else model.backbone.embedding
+    h = _nbytes([head])
+    return (_nbytes(model.backbone.layers) + h) / (_nbytes(dyn.blocks) + h)
+
+
 def kept_weight_fraction(model, dyn: DynamicModel) -> float:
     """Bytes of the sliced blocks' weights over the full blocks' (what a decode step streams
     through its layers; embedding and head, unchanged, excluded)."""
-    def nbytes(mods):
-        return sum(t.numel() * t.element_size() for m in mods
-                   for t in list(m.parameters()) + list(m.buffers()))
-    return nbytes(dyn.blocks) / max(1, nbytes(model.backbone.layers))
+    return _nbytes(dyn.blocks) / max(1, _nbytes(model.backbone.layers))

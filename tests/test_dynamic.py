@@ -245,8 +245,8 @@ def test_bench_dynamic_cli(tmp_path):
     res = json.loads((out / "dynamic.json").read_text())
     q = {(r["keep"], r["support"], r["m_frac"]): r for r in res["quality"]}
     assert set(q) == {(f, s, m) for f in (0.5, 1.0) for s, m in
-                      (("oracle", None), ("sketch", 0.5), ("random", None))}
-    for s in ("oracle", "sketch", "random"):                     # keeping everything is exact
+                      (("oracle", None), ("sketch", 0.5), ("random", None), ("static", None))}
+    for s in ("oracle", "sketch", "random", "static"):                     # keeping everything is exact
         r = q[(1.0, s, 0.5 if s == "sketch" else None)]
         assert r["kl"] < 1e-9 and r["top1_agree"] == 1.0
         assert 1.0 <= r["weight_fraction"] < 1.05       # + dt rows copied per 8-channel block
@@ -254,5 +254,7 @@ def test_bench_dynamic_cli(tmp_path):
     assert q[(0.5, "oracle", None)]["energy_captured"] >= q[(0.5, "random", None)]["energy_captured"]
     assert [r["keep"] for r in res["speed"]] == [0.5, 1.0]
     assert all(r["dynamic_ms"] > 0 and r["full_ms"] > 0 for r in res["speed"])
+    bound = {r["keep"]: r["bandwidth_bound_speedup"] for r in res["speed"]}
+    assert bound[0.5] > 1.2 and 0.95 < bound[1.0] <= 1.0         # fewer bytes per step at 0.5
     assert main(["bench", "dynamic", "--model", str(ckpt), "--out", str(out), "--keep", "1.5"]) == 2
     assert main(["bench", "dynamic", "--model", str(ckpt), "--out", str(out), "--block", "5"]) == 2
