@@ -54,6 +54,9 @@ def command(model_arg, corpus, tokenizer, teacher, seq_len, windows, batch_size,
                              max_windows=windows, batch_size=batch_size, out=out)
         click.echo(json.dumps(res, indent=2))
         return
+    if corpus or teacher:
+        raise DfplanError("--corpus and --teacher belong to held-out perplexity (without --tasks); "
+                          "with --tasks use --compare TEACHER")
     from ..harness import tasks as T
     names = T.local_tasks(data_dir) if tasks in (None, "all") else tasks.split(",")
     if write_tasks is not None:

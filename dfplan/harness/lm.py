@@ -60,6 +60,11 @@ class DfplanLM(TemplateLM):
         super().__init__()
         if _ignored:
             log.warning("dfplan model ignores arguments %s", sorted(_ignored))
+        if device is not None and str(device).startswith("cuda") and not torch.cuda.is_available():
+            log.warning("CUDA is not available; the dfplan model runs on the CPU")   # lm_eval's CLI default
+            device = "cpu"
+        if isinstance(batch_size, str) and batch_size.startswith("auto"):
+            batch_size = 8
         if model is None:
             if not pretrained:
                 raise DfplanError("the dfplan model needs pretrained=PATH")
