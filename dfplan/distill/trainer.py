@@ -197,6 +197,63 @@ def _diverged(step: int, what: str, value: float, ckpt: _Checkpointer) -> Dfplan
                        f"updating the weights, {kept}; resume with lower learning rates (--lr-*)")
 
 
+def _restore(ck: dict, student, sampler, cfg: DistillConfig, device) -> tuple:
+    """Load a checkpoint into the student, a fresh optimizer and the sampler -> (opt, params, stage)."""
+    if ck["stage"] == 2:
+        allocate_stage2(student)
+    student.load_state_dict(ck["model"])
+    student.to(device)
+    opt, params = make_optimizer(student, ck["stage"], cfg)
+    opt.load_state_dict(ck["optimizer"])
+    sampler.load_state_dict(ck["sampler"])
+    torch.set_rng_state(ck["torch_rng"])
+    return opt, params, ck["stage"]
+
+
+def _enter_stage(stage: int, student, teacher, cfg: DistillConfig, device) -> tuple:
+    """Stage 2 allocates the low-rank corrections; every stage gets its own optimizer."""
+    if stage == 2:
+        begin_stage2(student, cfg.seed, teacher if cfg.correction_from == "teacher" else None)
+        student.to(device)
+    return make_optimizer(student, stage, cfg)
+
+
+def _set_phase_and_lr(student, plan, opt, sched: Schedule, step: int, cfg: DistillConfig) -> float:
+    """QAT phase and sign-annealing of this step, norms frozen for export in the final phase,
+    learning rates scaled by the schedule; -> the lr factor."""
+    phase = sched.phase(step)
+    set_phase(student, phase, sched.anneal(step))
+    if phase == "final" and cfg.train_norms:
+        freeze_norms_for_export(student, plan)
+    lr_f = sched.lr_factor(step)
+    for g in opt.param_groups:
+        g["lr"] = g["base_lr"] * lr_f
+    return lr_f
+
+
+def _optimise(student, teacher, batch: torch.Tensor, opt, params: list, cfg: DistillConfig, V: int,
+              step: int, ckpt: _Checkpointer) -> tuple[float, float, float, float]:
+    """One distillation step on `batch` (b, L + 1), gradients averaged over ranks; refuses to
+    update on a non-finite loss or gradient -> (loss, kl, ce, grad norm)."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    with torch.no_grad():
+        t_logits = teacher(x)                                   # (b, L, Vp)
+    loss, parts = distill_loss(student(x), t_logits, y, cfg.loss, vocab_size=V)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    grads = [p.grad for p in params if p.grad is not None]
+    shown = torch.stack([loss.detach(), parts["kl"], parts["ce"]]).float()
+    _allreduce_mean_(grads + [shown])
+    loss_v, kl_v, ce_v = (float(v) for v in shown)
+    if not math.isfinite(loss_v):
+        raise _diverged(step, "the loss", loss_v, ckpt)
+    gnorm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None], cfg.grad_clip))
+    if not math.isfinite(gnorm):
+        raise _diverged(step, "the gradient norm", gnorm, ckpt)
+    opt.step()
+    return loss_v, kl_v, ce_v, gnorm
+
+
 def train(teacher: torch.nn.Module, plan, tokens: np.ndarray, split: WindowSplit, cfg: DistillConfig, *,
           checkpoint: str | Path | None = None, resume: bool = False, identity: dict | None = None,
           stop_after: int | None = None, on_step: Callable | None = None,
@@ -230,15 +287,7 @@ def train(teacher: torch.nn.Module, plan, tokens: np.ndarray, split: WindowSplit
 
     ck = ckpt.load() if resume else None
     if ck is not None:
-        if ck["stage"] == 2:
-            allocate_stage2(student)
-        student.load_state_dict(ck["model"])
-        student.to(device)
-        opt, params = make_optimizer(student, ck["stage"], cfg)
-        opt.load_state_dict(ck["optimizer"])
-        opt_stage = ck["stage"]
-        sampler.load_state_dict(ck["sampler"])
-        torch.set_rng_state(ck["torch_rng"])
+        opt, params, opt_stage = _restore(ck, student, sampler, cfg, device)
         state = {k: ck[k] for k in state}
         say(f"resumed from step {state['step']} of {sched.total} ({state['tokens_seen']:,} tokens seen)")
     del ck
@@ -253,39 +302,14 @@ def train(teacher: torch.nn.Module, plan, tokens: np.ndarray, split: WindowSplit
             step = state["step"]
             stage, phase = sched.stage(step), sched.phase(step)
             if stage != opt_stage:
-                if stage == 2:
-                    begin_stage2(student, cfg.seed, teacher if cfg.correction_from == "teacher" else None)
-                    student.to(device)
-                opt, params = make_optimizer(student, stage, cfg)
+                opt, params = _enter_stage(stage, student, teacher, cfg, device)
                 opt_stage = stage
-            set_phase(student, phase, sched.anneal(step))
-            if phase == "final" and cfg.train_norms:
-                freeze_norms_for_export(student, plan)
-            lr_f = sched.lr_factor(step)
-            for g in opt.param_groups:
-                g["lr"] = g["base_lr"] * lr_f
+            lr_f = _set_phase_and_lr(student, plan, opt, sched, step, cfg)
 
             t0 = time.perf_counter()
             idx = sampler.next_indices()[rank * local:(rank + 1) * local]
-            batch = torch.from_numpy(gather(tokens, train_starts[idx], L + 1)).to(device)
-            x, y = batch[:, :-1], batch[:, 1:]
-            with torch.no_grad():
-                t_logits = teacher(x)                                   # (b, L, Vp)
-            loss, parts = distill_loss(student(x), t_logits, y, cfg.loss, vocab_size=V)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            grads = [p.grad for p in params if p.grad is not None]
-            shown = torch.stack([loss.detach(), parts["kl"], parts["ce"]]).float()
-            _allreduce_mean_(grads + [shown])
-            loss_v, kl_v, ce_v = (float(v) for v in shown)
-            if not math.isfinite(loss_v):
-                raise _diverged(step, "the loss", loss_v, ckpt)
-            gnorm = float(torch.nn.utils.clip_grad_norm_([p for p in params if p.grad is not None],
-                                                         cfg.grad_clip))
-            if not math.isfinite(gnorm):
-                raise _diverged(step, "the gradient norm", gnorm, ckpt)
-            opt.step()
-
+            batch = torch.from_numpy(gather(tokens, train_starts[idx], L + 1)).to(device)   # (b, L + 1)
+            loss_v, kl_v, ce_v, gnorm = _optimise(student, teacher, batch, opt, params, cfg, V, step, ckpt)
             state["train_s"] += time.perf_counter() - t0
             state["step"] += 1
             state["tokens_seen"] += cfg.tokens_per_step
