@@ -293,8 +293,10 @@ class Mamba2LM(nn.Module):
 
 
 @torch.no_grad()
-def init_weights(model: Mamba2LM, seed: int | None = None) -> None:
-    """mamba_ssm's initialisation: random, never zero, so size/latency runs are realistic."""
+def init_weights(model: Mamba2LM, seed: int | None = None, skip=()) -> None:
+    """mamba_ssm's initialisation: random, never zero, so size/latency runs are realistic.
+
+    skip: module names whose weight is left as it is (packing fills those one at a time)."""
     cfg = model.config
     gen = torch.Generator().manual_seed(seed) if seed is not None else None
 
@@ -307,11 +309,15 @@ def init_weights(model: Mamba2LM, seed: int | None = None) -> None:
 
     n_res = 1 if cfg.d_intermediate == 0 else 2
     emb = model.backbone.embedding.weight
-    emb.copy_(torch.randn(emb.shape, generator=gen) * 0.02)
-    if model.lm_head is not None:
+    if "backbone.embedding" not in skip:
+        emb.copy_(torch.randn(emb.shape, generator=gen) * 0.02)
+    if model.lm_head is not None and "lm_head" not in skip:
         kaiming_(model.lm_head.weight)
     for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear):
+        if name in skip:
+            if getattr(mod, "bias", None) is not None:
+                mod.bias.zero_()
+        elif isinstance(mod, nn.Linear):
             kaiming_(mod.weight)
             if mod.bias is not None:
                 mod.bias.zero_()

@@ -51,11 +51,14 @@ def round_to_storage_(t: torch.Tensor, storage: torch.dtype) -> None:
 
 @torch.no_grad()
 def apply_plan(model: nn.Module, plan, generator: torch.Generator | None = None,
-               progress: bool = False) -> nn.Module:
+               progress: bool = False, weight_fn=None) -> nn.Module:
     """Swap modules in place per `plan` (a formats.plan.Plan); returns the same model.
 
     Everything is validated (names, shapes, allowed formats) before the first module changes.
     generator seeds the zero-init corrections (V random) for reproducibility.
+    weight_fn(unit, module) -> float (out, in) weight, if given, supplies the weight each
+    compressed unit is quantised from instead of module.weight (packing random-init models
+    one layer at a time, without ever materialising the float model).
     """
     cfg = _config(model)
     resolved = plan.resolve(cfg)                 # DfplanError on unknown names / bad shapes
@@ -82,7 +85,8 @@ def apply_plan(model: nn.Module, plan, generator: torch.Generator | None = None,
             round_to_storage_(mod.weight, getattr(torch, spec.torch_dtype_name))
             continue
         bias = getattr(mod, "bias", None)
-        new = cls.from_float(mod.weight, spec, bias=bias, generator=generator)
+        w = mod.weight if weight_fn is None else weight_fn(u, mod)
+        new = cls.from_float(w, spec, bias=bias, generator=generator)
         _swap(model, u.name, new)
     storage = getattr(torch, plan.default.torch_dtype_name)
     sd = model.state_dict(keep_vars=True)

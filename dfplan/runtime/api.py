@@ -17,6 +17,17 @@ from pathlib import Path
 import torch
 
 from ..errors import DfplanError
+from ..formats import quant
+from ..formats.apply import apply_plan
+from ..formats.layouts import layout_names, layout_plan
+from ..formats.plan import Plan
+from ..loading import WEIGHT_FILES, load_config, load_model
+from ..model import build_model
+from ..packed import MANIFEST, load_packed
+from ..packed import save_packed as _save
+from ..tokenizer import check_vocab, load_tokenizer
+from ..tokenizer import eos_id as tokenizer_eos_id
+from .cudagraph import graph_step_factory
 from .decode import DecodeResult, DecodeStats, decode, state_dtype_of
 from .sampling import Sampling
 from .textgen import TextTracker, encode_prompts, stream_in_thread
@@ -72,8 +83,7 @@ class Model:
     def eos_id(self) -> int | None:
         if self.tokenizer is None:
             return None
-        from ..tokenizer import eos_id
-        return eos_id(self.tokenizer)
+        return tokenizer_eos_id(self.tokenizer)
 
     def _tokenizer(self):
         if self.tokenizer is None:
@@ -85,7 +95,6 @@ class Model:
     def _step_fn(self):
         if not self.cuda_graph or self.device.type != "cuda":
             return None
-        from .cudagraph import graph_step_factory
         return graph_step_factory
 
     # -- generation ------------------------------------------------------------------------
@@ -212,10 +221,8 @@ def check_fits(need: int, what: str) -> None:
 
 
 def _estimate_bytes(path_or_id: str, dtype: torch.dtype | None) -> int | None:
-    from ..loading import WEIGHT_FILES, load_config
     if path_or_id.startswith("preset:"):
         cfg = load_config(path_or_id)
-        from ..model import build_model
         meta = build_model(cfg, device="meta")
         return meta.num_parameters() * (torch.finfo(dtype or torch.float32).bits // 8)
     p = Path(path_or_id).expanduser()
@@ -237,8 +244,6 @@ def load(path_or_id, *, tokenizer=None, dtype: torch.dtype | None = None, device
     tokenizer: a tokenizer.json path / folder / hub id overriding (or supplying) the model's.
     state_dtype: SSM state precision during decoding: "fp32" (default), "bf16" or "fp16".
     """
-    from ..loading import load_model
-    from ..packed import MANIFEST, load_packed
 
     src = os.fspath(path_or_id)
     need = _estimate_bytes(src, dtype)
@@ -249,14 +254,12 @@ def load(path_or_id, *, tokenizer=None, dtype: torch.dtype | None = None, device
     if p.is_dir() and (p / MANIFEST).exists():
         module = load_packed(p, dtype=dtype, device=device, verify=verify)
         if (p / "tokenizer.json").exists():
-            from ..tokenizer import load_tokenizer
             tok = load_tokenizer(p / "tokenizer.json")
     elif src.startswith("preset:"):
         module, tok = load_model(src, random_init=True, dtype=dtype, device=device, seed=seed)
     else:
         module, tok = load_model(src, dtype=dtype, device=device)
     if tokenizer is not None:
-        from ..tokenizer import check_vocab, load_tokenizer
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         check_vocab(tok, module.config)
     return Model(module, tok, source=src, state_dtype=state_dtype, cuda_graph=cuda_graph,
@@ -269,8 +272,6 @@ def _module(model):
 
 def resolve_plan(plan, cfg):
     """A Plan, a plan.json path, or "layout:NAME" / a built-in layout name -> Plan."""
-    from ..formats.layouts import layout_names, layout_plan
-    from ..formats.plan import Plan
     if isinstance(plan, Plan):
         return plan
     s = os.fspath(plan)
@@ -285,8 +286,6 @@ def compress(model, plan, *, seed: int = 0, fast_svd: bool = True, progress: boo
     """Swap every compressible layer to its format under `plan`, in place (like torchao's
     quantize_). fast_svd: randomised low-rank SVD for the correction init (pack-speed);
     False keeps the accurate subspace iteration. Returns `model`."""
-    from ..formats import quant
-    from ..formats.apply import apply_plan
 
     mod = _module(model)
     p = resolve_plan(plan, mod.config)
@@ -298,7 +297,6 @@ def compress(model, plan, *, seed: int = 0, fast_svd: bool = True, progress: boo
 
 def save_packed(model, out_dir, *, tokenizer=None, plan=None):
     """Write the packed artifact of a compressed model (tokenizer: the model's own by default)."""
-    from ..packed import save_packed as _save
 
     mod = _module(model)
     if tokenizer is None and isinstance(model, Model):

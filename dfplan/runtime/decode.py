@@ -23,6 +23,7 @@ from typing import Callable
 
 import torch
 
+from ..errors import DfplanError
 from ..model import InferenceCache
 from .sampling import Sampling, sample
 
@@ -32,7 +33,6 @@ STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.flo
 def state_dtype_of(name) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name
-    from ..errors import DfplanError
     if name not in STATE_DTYPES:
         raise DfplanError(f"state dtype {name!r} is not one of {', '.join(STATE_DTYPES)}")
     return STATE_DTYPES[name]

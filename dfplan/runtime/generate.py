@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TextIO
 
 from ..errors import DfplanError
+from .api import load
 from .sampling import Sampling
 
 
@@ -51,8 +52,6 @@ def generate_to(out: TextIO, model_arg: str, prompt: str, *, tokenizer: str | No
         raise DfplanError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
     Sampling(temperature, top_k, top_p)                       # bad options fail before loading
     check_tokenizer_available(model_arg, tokenizer)
-    from .api import load
-
     t0 = time.perf_counter()
     m = load(model_arg, tokenizer=tokenizer, device=device, state_dtype=state_dtype)
     load_s = time.perf_counter() - t0
