@@ -28,7 +28,8 @@ from dfplan.loading import load_config
 
 from . import schema
 from .common import memory_bandwidth
-from .variants import Prepared, Sources, Variant, make_runner, prepare, resident_bytes, resolve_names, unavailable
+from .variants import (VARIANTS, Prepared, Sources, Variant, make_runner, preload, prepare,
+                       resident_bytes, resolve_names, unavailable)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class _Inline:
 
 def _worker(conn, p: Prepared):
     try:
+        preload(p)
         base = _rss_now()
         t = time.perf_counter()
         runner = make_runner(p)
@@ -234,7 +236,7 @@ def run_e2e(cfg: E2EConfig, log=print) -> dict:
                 workers[name] = _Process(p, ctx) if cfg.isolate else _Inline(p)
             except (RuntimeError, DfplanError, OSError) as e:
                 out[name] = {"status": "failed", "reason": f"loading: {e}",
-                             "description": VARIANT_DESC(name)}
+                             "description": _desc(name)}
                 log(f"fail {name}: {e}")
         samples = _interleave(workers, cfg, out, log)
         mem = {}
@@ -256,7 +258,7 @@ def run_e2e(cfg: E2EConfig, log=print) -> dict:
             continue
         m = mem.get(name, {})
         peak = m.get("peak_rss_bytes")
-        entry = {"status": "ok", "description": VARIANT_DESC(name), **w.info, **m,
+        entry = {"status": "ok", "description": _desc(name), **w.info, **m,
                  "estimated_resident_bytes": need.get(name),
                  "peak_rss_over_base_bytes": (peak - m["base_rss_bytes"]) if peak and m.get("base_rss_bytes") else None,
                  "cases": {}}
@@ -267,8 +269,7 @@ def run_e2e(cfg: E2EConfig, log=print) -> dict:
     return res
 
 
-def VARIANT_DESC(name: str) -> str:  # noqa: N802 (a lookup, named like the table it reads)
-    from .variants import VARIANTS
+def _desc(name: str) -> str:
     return VARIANTS[name].description
 
 
@@ -298,7 +299,7 @@ def _interleave(workers: dict, cfg: E2EConfig, out: dict, log) -> dict:
                 done.add((name, batch))
                 continue
             except RuntimeError as e:
-                out[name] = {"status": "failed", "reason": f"sampling: {e}", "description": VARIANT_DESC(name)}
+                out[name] = {"status": "failed", "reason": f"sampling: {e}", "description": _desc(name)}
                 log(f"fail {name}: {e}")
                 continue
             if rounds < cfg.warmup:

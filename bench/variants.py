@@ -257,6 +257,14 @@ class DfplanRunner:
         else:
             self.model_bytes = sum(t.numel() * t.element_size() for t in self.module.state_dict().values())
         self.caches: dict[int, tuple] = {}
+        # validating the regression gate: DFPLAN_BENCH_SLOWDOWN=0.3 makes every decode step and
+        # prefill 30% slower (busy wait), a "build slowed on purpose" that compare must flag
+        self.slowdown = float(os.environ.get("DFPLAN_BENCH_SLOWDOWN", "0") or 0)
+
+    def _spin(self, seconds: float) -> None:
+        end = _perf() + seconds * self.slowdown
+        while _perf() < end:
+            pass
 
     def _cache(self, batch: int):
         # one static cache (and CUDA graph) per batch size, reset in place before each sample
@@ -283,9 +291,14 @@ class DfplanRunner:
         t0 = clock.mark()
         logits, _ = prefill(self.module, ids, cache, self.model.prefill_chunk)   # (B, V)
         nxt = logits[:, :self.vocab].argmax(-1)
+        if self.slowdown and not clock.cuda:          # CPU only: t0 is a perf_counter there
+            self._spin(_perf() - t0)
         t1 = clock.mark()
         for _ in range(G):
+            s = _perf() if self.slowdown else 0.0
             nxt = step(nxt, cache)[:, :self.vocab].argmax(-1)
+            if self.slowdown and not clock.cuda:
+                self._spin(_perf() - s)
         t2 = clock.mark()
         return clock.seconds(t0, t1), clock.seconds(t1, t2)
 
@@ -400,6 +413,24 @@ class MambaSsmRunner:
 
 RUNNERS = {"dfplan": DfplanRunner, "hf": HFRunner, "llamacpp": LlamaCppRunner,
            "mamba_ssm": MambaSsmRunner}
+
+
+# libraries each runner imports: loaded before a worker's baseline RSS is read, so the peak
+# over that baseline is the model and its working memory, not shared-library pages
+PRELOAD = {"dfplan": ("dfplan.runtime.api", "dfplan.runtime.decode", "dfplan.kernels.cpu",
+                      "dfplan.packed", "safetensors.torch"),
+           "hf": ("transformers", "transformers.models.mamba2.modeling_mamba2"),
+           "llamacpp": (), "mamba_ssm": ("mamba_ssm.models.mixer_seq_simple",)}
+
+
+def preload(p: Prepared) -> None:
+    for mod in PRELOAD[p.kind]:
+        importlib.import_module(mod)
+    if p.kind == "llamacpp":
+        import_llama_cpp()
+    if p.kind == "dfplan":
+        from dfplan.kernels import cpu
+        cpu.available()                 # loads the compiled CPU kernels
 
 
 def make_runner(p: Prepared):
