@@ -28,8 +28,18 @@ from dfplan.loading import load_config
 
 from . import schema
 from .common import memory_bandwidth
-from .variants import (VARIANTS, Prepared, Sources, Variant, make_runner, preload, prepare,
-                       resident_bytes, resolve_names, unavailable)
+from .variants import (
+    VARIANTS,
+    Prepared,
+    Sources,
+    Variant,
+    make_runner,
+    preload,
+    prepare,
+    resident_bytes,
+    resolve_names,
+    unavailable,
+)
 
 
 @dataclass
