@@ -19,7 +19,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm.auto import tqdm
 
 from ..errors import DfplanError
-from ..loading import load_any
+from ..runtime import load
 from ..tokenizer import check_vocab, eos_id, load_tokenizer
 from .artifact import trained_context
 
@@ -68,9 +68,9 @@ class DfplanLM(TemplateLM):
         if model is None:
             if not pretrained:
                 raise DfplanError("the dfplan model needs pretrained=PATH")
-            model, tok = load_any(str(pretrained), dtype=_dtype(dtype), device=device)
-            if isinstance(tokenizer, str) and tokenizer:
-                tok = load_tokenizer(tokenizer)
+            loaded = load(str(pretrained), dtype=_dtype(dtype), device=device,
+                          tokenizer=tokenizer if isinstance(tokenizer, str) and tokenizer else None)
+            model, tok = loaded.module, loaded.tokenizer
             if tok is None:
                 raise DfplanError(f"{pretrained} has no tokenizer.json; pass a tokenizer "
                                   "(model_args tokenizer=PATH or --tokenizer)")
