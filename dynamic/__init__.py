@@ -2,6 +2,6 @@
 blocks, attention kv-groups, MLP hidden blocks), estimated from random sketches of their
 activation energies over the prompt, then decoding with only that support.
 
-Layering: dfplan.dynamic sits beside dfplan.bench (it imports core, formats, kernels and
-dfplan.bench.common for timing); nothing below it imports it.
+Layering: beside planner / sensitivity (imports the core and kernels only); the benchmark
+`dfplan bench dynamic` lives in bench/dynamic.py.
 """

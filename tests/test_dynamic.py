@@ -9,11 +9,6 @@ import pytest
 import torch
 
 from dfplan.config import Mamba2Config
-from dfplan.formats.apply import apply_plan
-from dfplan.formats.modules import BinaryLinear, IntNLinear
-from dfplan.formats.plan import Plan, model_signature
-from dfplan.formats.specs import Binary, IntN, Keep
-from dfplan.model import build_model
 from dfplan.dynamic.masked import DynamicModel
 from dfplan.dynamic.recovery import recover_support
 from dfplan.dynamic.reference import masked_step_ref
@@ -21,6 +16,11 @@ from dfplan.dynamic.select import make_support
 from dfplan.dynamic.sketch import measure, prompt_energies, sketch_matrix
 from dfplan.dynamic.slicing import slice_linear
 from dfplan.dynamic.units import LayerSupport, full_support, random_balanced, unit_layout
+from dfplan.formats.apply import apply_plan
+from dfplan.formats.modules import BinaryLinear, IntNLinear
+from dfplan.formats.plan import Plan, model_signature
+from dfplan.formats.specs import Binary, IntN, Keep
+from dfplan.model import build_model
 
 pytest.importorskip("sklearn")
 

@@ -100,7 +100,7 @@ def _fractions(text: str) -> tuple[float, ...]:
 @click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
 def dynamic(model_arg, out_dir, corpus, tokenizer, prompts, prompt_len, gen, keep, m_fracs, block,
             mlp_block, sketch, recovery, seed, quality, speed, budget_s, threads):
-    from ..dynamic.bench import DynamicBenchConfig, format_table, run_dynamic_bench, write
+    from ..bench.dynamic import DynamicBenchConfig, format_table, run_dynamic_bench, write
 
     cfg = DynamicBenchConfig(model=model_arg, corpus=tuple(corpus), tokenizer=tokenizer,
                              prompts=prompts, prompt_len=prompt_len, gen=gen,

@@ -25,15 +25,15 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from dfplan.bench.common import metadata, timeit, write_results
+from dfplan.dynamic.masked import DynamicModel, bandwidth_bound_speedup, kept_weight_fraction
+from dfplan.dynamic.recovery import sklearn_linear_model
+from dfplan.dynamic.select import make_support, n_measurements, support_stats
+from dfplan.dynamic.sketch import Energies, prompt_energies
+from dfplan.dynamic.units import n_kept, unit_layout
 from dfplan.errors import DfplanError
 from dfplan.loading import load_any, load_model
 
-from .masked import DynamicModel, bandwidth_bound_speedup, kept_weight_fraction
-from .recovery import sklearn_linear_model
-from .select import make_support, n_measurements, support_stats
-from .sketch import Energies, prompt_energies
-from .units import n_kept, unit_layout
+from .common import metadata, timeit, write_results
 
 RESULT_FILE = "dynamic.json"
 
