@@ -292,7 +292,8 @@ def mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, 
     """One Mamba-2 mixer token between in_proj and out_proj (see ref.mamba2_step_ref).
 
     States are updated in place, so they must be contiguous. CUDA: Triton kernels (capturable
-    in a CUDA graph); CPU with fp32 tensors: the fused C++ step; otherwise the reference.
+    in a CUDA graph); CPU with fp32 tensors (the SSM state may be fp32, bf16 or fp16): the
+    fused C++ step; otherwise the reference.
     """
     fn = "mamba2_step"
     for name, t in (("conv_state", conv_state), ("ssm_state", ssm_state)):
@@ -321,8 +322,9 @@ def mamba2_step(zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, 
     args = (zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D,
             norm_weight, eps, ngroups, headdim, d_state)
     be = select_backend(zxbcdt, backend)
-    if be == "cpu" and all(t is None or t.dtype == torch.float32 for t in (
-            zxbcdt, conv_state, ssm_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)):
+    # the SSM state may be kept in bf16 / fp16 (half the state traffic); the rest is fp32
+    if be == "cpu" and ssm_state.dtype in _FLOATS and all(t is None or t.dtype == torch.float32 for t in (
+            zxbcdt, conv_state, conv_weight, conv_bias, dt_bias, A_log, D, norm_weight)):
         # .contiguous() returns self (no copy) for the usual contiguous params
         return _impl("mamba2_step_cpu")(
             zxbcdt.contiguous(), conv_state, ssm_state, _contig(conv_weight), _contig(conv_bias),

@@ -93,3 +93,28 @@ def test_cuda_graph_step_equals_eager():
             a, b = m.step(tok, c1), g(tok, c2)
             torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4)
             tok = a.argmax(-1)
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_cpu_step_low_precision_state_equals_reference(state_dtype):
+    from dfplan.kernels import cpu, mamba2_step
+    from dfplan.kernels.step_ref import mamba2_step_ref
+    if not cpu.available():
+        pytest.skip("CPU kernels not built")
+    B, H, P, N, Gr, K = 2, 8, 16, 32, 2, 4
+    d_inner = H * P
+    conv_dim = d_inner + 2 * Gr * N
+    zx = torch.randn(B, d_inner + conv_dim + H, generator=G)
+    cs = torch.randn(B, conv_dim, K, generator=G)
+    ss = torch.randn(B, H, P, N, generator=G).to(state_dtype)
+    w = [torch.randn(conv_dim, 1, K, generator=G), torch.randn(conv_dim, generator=G),
+         torch.randn(H, generator=G), torch.randn(H, generator=G), torch.randn(H, generator=G),
+         torch.randn(d_inner, generator=G)]
+    cs2, ss2 = cs.clone(), ss.clone()
+    for _ in range(3):
+        y = mamba2_step(zx, cs, ss, *w, 1e-5, Gr, P, N, backend="cpu")
+        y2 = mamba2_step_ref(zx, cs2, ss2, *w, 1e-5, Gr, P, N)
+        torch.testing.assert_close(y, y2, rtol=1e-5, atol=1e-5)
+    assert ss.dtype == state_dtype
+    # the reference rounds the fp32 update to the state dtype (nearest even) like the kernel
+    torch.testing.assert_close(ss.float(), ss2.float(), rtol=1e-5, atol=1e-5)

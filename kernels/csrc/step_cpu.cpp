@@ -16,8 +16,11 @@
 
 #include <immintrin.h>
 
+#include <c10/util/Half.h>
+
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 namespace {
@@ -114,6 +117,70 @@ bool has_avx2() {
   return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
 }
 
+// Low-precision SSM state (bf16 / fp16, halving the state's memory traffic): each (token,
+// head) block of P x N state is widened into a float buffer, updated by the fp32 code, and
+// rounded back to nearest even; y is computed from the fp32 values (as the reference does).
+void widen_bf16(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t u = uint32_t(src[i]) << 16;
+    std::memcpy(dst + i, &u, 4);
+  }
+}
+void narrow_bf16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, src + i, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { dst[i] = uint16_t((u >> 16) | 0x40); continue; }  // NaN
+    u += 0x7fffu + ((u >> 16) & 1u);
+    dst[i] = uint16_t(u >> 16);
+  }
+}
+__attribute__((target("avx2,fma"))) void widen_bf16_avx2(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8) {
+    const __m256i v = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i)));
+    _mm256_storeu_ps(dst + i, _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)));
+  }
+  widen_bf16(src + i, dst + i, n - i);
+}
+__attribute__((target("avx2,fma"))) void narrow_bf16_avx2(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  const __m256i bias = _mm256_set1_epi32(0x7fff), one = _mm256_set1_epi32(1);
+  for (; i + 16 <= n; i += 16) {  // finite states only on this path (NaN rounds like a number)
+    __m256i a = _mm256_castps_si256(_mm256_loadu_ps(src + i));
+    __m256i b = _mm256_castps_si256(_mm256_loadu_ps(src + i + 8));
+    a = _mm256_srli_epi32(_mm256_add_epi32(a, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(a, 16), one))), 16);
+    b = _mm256_srli_epi32(_mm256_add_epi32(b, _mm256_add_epi32(bias, _mm256_and_si256(_mm256_srli_epi32(b, 16), one))), 16);
+    const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(a, b), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), packed);
+  }
+  narrow_bf16(src + i, dst + i, n - i);
+}
+__attribute__((target("avx2,fma,f16c"))) void widen_f16_avx2(const uint16_t* src, float* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = float(c10::Half(src[i], c10::Half::from_bits()));
+}
+__attribute__((target("avx2,fma,f16c"))) void narrow_f16_avx2(const float* src, uint16_t* dst, int64_t n) {
+  int64_t i = 0;
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = c10::Half(src[i]).x;
+}
+void widen_f16(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = float(c10::Half(src[i], c10::Half::from_bits()));
+}
+void narrow_f16(const float* src, uint16_t* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]).x;
+}
+
+bool has_f16c() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("f16c");
+}
+
 const float* f32_ptr(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
               " must be a contiguous float32 CPU tensor");
@@ -144,7 +211,14 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
   TORCH_CHECK(D.numel() == H || D.numel() == d_inner, "D must have nheads or d_inner elements");
   const float* zx = f32_ptr(zxbcdt, "zxbcdt");
   float* cs = const_cast<float*>(f32_ptr(conv_state, "conv_state"));
-  float* ss = const_cast<float*>(f32_ptr(ssm_state, "ssm_state"));
+  const auto st_type = ssm_state.scalar_type();
+  TORCH_CHECK(ssm_state.device().is_cpu() && ssm_state.is_contiguous() &&
+                  (st_type == at::kFloat || st_type == at::kBFloat16 || st_type == at::kHalf),
+              "ssm_state must be a contiguous float32 / bfloat16 / float16 CPU tensor");
+  const bool low = st_type != at::kFloat;
+  float* ss = low ? nullptr : ssm_state.data_ptr<float>();
+  uint16_t* ss16 = low ? static_cast<uint16_t*>(ssm_state.data_ptr()) : nullptr;
+  const bool f16c = use_avx2 && has_f16c();
   const float* cw = f32_ptr(conv_weight, "conv_weight");
   const float* cb = conv_bias.has_value() ? f32_ptr(*conv_bias, "conv_bias") : nullptr;
   const float* dtb = f32_ptr(dt_bias, "dt_bias");
@@ -179,6 +253,7 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
 
   // ssm over (token, head): every state element read and written once
   at::parallel_for(0, Bsz * H, 1, [&](int64_t j0, int64_t j1) {
+    std::vector<float> wide(low ? static_cast<size_t>(P * N) : 0);
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t b = j / H, h = j % H, g = h / (H / G);
       const float* xr = xbc.data() + b * conv_dim;
@@ -187,13 +262,26 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
       const float* Cv = xr + d_inner + G * N + g * N;
       const float dt = softplus(zx[b * zw + d_inner + conv_dim + h] + dtb[h]);
       const float dA = std::exp(dt * -std::exp(alog[h]));
-      float* st = ss + j * P * N;
+      float* st = low ? wide.data() : ss + j * P * N;
+      uint16_t* st16 = low ? ss16 + j * P * N : nullptr;
+      if (low) {
+        if (st_type == at::kBFloat16)
+          use_avx2 ? widen_bf16_avx2(st16, st, P * N) : widen_bf16(st16, st, P * N);
+        else
+          f16c ? widen_f16_avx2(st16, st, P * N) : widen_f16(st16, st, P * N);
+      }
       float* yo = yp + b * d_inner + h * P;
       for (int64_t p = 0; p < P; ++p) {
         const float dtx = dt * x[p];
         const float v = use_avx2 ? ssm_row_avx2(st + p * N, Bv, Cv, dA, dtx, N)
                                  : ssm_row_portable(st + p * N, Bv, Cv, dA, dtx, N);
         yo[p] = v + x[p] * (d_per_channel ? dp[h * P + p] : dp[h]);
+      }
+      if (low) {
+        if (st_type == at::kBFloat16)
+          use_avx2 ? narrow_bf16_avx2(st, st16, P * N) : narrow_bf16(st, st16, P * N);
+        else
+          f16c ? narrow_f16_avx2(st, st16, P * N) : narrow_f16(st, st16, P * N);
       }
     }
   });
