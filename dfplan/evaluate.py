@@ -7,6 +7,7 @@ KL(teacher || model) over the same windows.
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -14,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .data import stream_windows
+from .data import load_tokens, stream_windows
 from .errors import DfplanError
+from .fileio import write_json_atomic
+from .loading import load_any
+from .tokenizer import check_vocab, load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -77,13 +81,6 @@ def evaluate_model(model_arg: str, corpus, tokenizer: str | None = None, teacher
                    out: str | None = None) -> dict:
     """Load a model (checkpoint or packed artifact), score it on held-out text, optionally
     against a teacher; returns (and optionally writes) a JSON-able dict."""
-    import time
-
-    from .data import load_tokens
-    from .fileio import write_json_atomic
-    from .loading import load_any
-    from .tokenizer import check_vocab, load_tokenizer
-
     t0 = time.perf_counter()
     model, tok = load_any(model_arg)
     if tokenizer is not None:

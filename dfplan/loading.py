@@ -21,6 +21,8 @@ from .config import EXTRA_FIELDS, Mamba2Config, check_no_dt_limit, parse_bool, p
 from .errors import DfplanError, warn
 from .fileio import atomic_path, write_json_atomic
 from .model import Mamba2LM, build_model
+from .packed import load_packed
+from .tokenizer import load_tokenizer
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 # Beside a mamba_ssm config.json: the fields its MambaConfig cannot hold (config.EXTRA_FIELDS);
@@ -221,7 +223,6 @@ def load_model(model_arg: str, random_init: bool = False, dtype: torch.dtype | N
     model.load_state_dict(sd, strict=True, assign=True)
     tok = None
     if (d / "tokenizer.json").exists():
-        from .tokenizer import load_tokenizer
         tok = load_tokenizer(str(d / "tokenizer.json"))
     return model.eval(), tok
 
@@ -276,11 +277,9 @@ def load_any(model_arg: str, dtype: torch.dtype | None = None, device=None):
     """A packed dfplan artifact (has manifest.json) or an FP checkpoint -> (model, tokenizer)."""
     p = Path(model_arg).expanduser()
     if p.is_dir() and (p / "manifest.json").exists():
-        from .packed import load_packed
         model = load_packed(p)
         tok = None
         if (p / "tokenizer.json").exists():
-            from .tokenizer import load_tokenizer
             tok = load_tokenizer(str(p / "tokenizer.json"))
         return model.eval(), tok
     return load_model(model_arg, dtype=dtype, device=device)
