@@ -6,6 +6,7 @@ randomised low-rank SVD (torch.svd_lowrank) unless exact_svd; the payload writte
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import math
 import os
@@ -25,6 +26,19 @@ from ..model import build_model, init_weights
 from ..packed import MANIFEST
 from ..tokenizer import check_vocab, load_tokenizer
 from .api import Model, check_fits, compress, load, resolve_plan, save_packed
+
+
+def reuse_freed_memory() -> bool:
+    """Ask glibc to serve large blocks from its heap and keep freed ones (mallopt), so the
+    tens-of-MB temporaries of quantising one layer after another reuse the same pages
+    instead of being mapped, zero-filled and unmapped every time: on Mamba-2 1.3B that cut
+    the kernel's page-fault time ~15x (system CPU 1.7 s -> 0.1 s per 8 in_proj layers).
+    Process-wide and best effort (False where there is no glibc)."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))  # MMAP / TRIM threshold
+    except (OSError, AttributeError):
+        return False
 
 
 def random_compressed(cfg: Mamba2Config, plan, seed: int = 0, exact_svd: bool = False,
@@ -64,6 +78,7 @@ def pack(model_arg: str, plan_arg: str, out_dir: str | os.PathLike, *, tokenizer
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise DfplanError(f"{out} exists and is not an (empty or packed) directory; choose another --out")
+    reuse_freed_memory()
     t0 = time.perf_counter()
     if model_arg.startswith("preset:"):                   # streamed: never the float model
         cfg = Mamba2Config.preset(model_arg)
