@@ -105,6 +105,22 @@ def check_model_arg(model_arg, flag: str = "--model") -> None:
     raise DfplanError(f"{flag} {a!r} is neither a folder, a hub id (owner/name) nor preset:NAME")
 
 
+def check_corpus(specs, flag: str = "--corpus") -> None:
+    """Each corpus spec names something: 'builtin', 'builtin-heldout', a path, or a glob that matches."""
+    import glob as globlib
+    for spec in specs or ():
+        s = str(spec).strip()
+        if s in ("builtin", "builtin-heldout"):
+            continue
+        if not s:
+            raise DfplanError(f"{flag} is empty; pass a file, folder, glob or 'builtin'")
+        if Path(s).expanduser().exists():
+            continue
+        if any(c in s for c in "*?[") and globlib.glob(os.path.expanduser(s), recursive=True):
+            continue
+        raise DfplanError(f"{flag} {s!r} matches no file or folder (nor is it 'builtin')")
+
+
 # -- model identity -------------------------------------------------------------------------------
 
 def model_fingerprint(model_arg: str, random_init: bool = False) -> str:

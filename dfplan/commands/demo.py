@@ -18,6 +18,8 @@ from typing import Callable
 
 import click
 
+from ._types import THREADS
+
 from ..errors import DfplanError
 
 
@@ -218,7 +220,7 @@ def run_demo(c: DemoConfig, stages: tuple[Stage, ...] | None = None) -> list[dic
 @click.option("--budget", default="40%", show_default=True,
               help="Memory budget: percent of the teacher's fp16 size, or bytes (300kB, 1MB).")
 @click.option("--distill-tokens", default="100k", show_default=True)
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option("--threads", default=None, type=THREADS, help="torch CPU threads.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted demo (what a rerun always does: "
               "finished stages are kept, an interrupted one continues).")
 @click.option("--force", is_flag=True, help="Use a non-empty --out that is not a dfplan run folder.")

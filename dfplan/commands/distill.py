@@ -9,8 +9,10 @@ from pathlib import Path
 
 import click
 
+from ._types import SEED, THREADS
+
 from ..errors import DfplanError
-from ..runfolder import check_model_arg, check_out_dir, check_same_model
+from ..runfolder import check_corpus, check_model_arg, check_out_dir, check_same_model
 from ..sizes import parse_count
 
 
@@ -50,9 +52,9 @@ def _info(msg: str) -> None:
 @click.option("--eval-corpus", multiple=True, help="Held-out text for eval.json [valid split of --corpus].")
 @click.option("--eval-windows", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--eval-seq-len", default=None, type=click.IntRange(min=2), help="[--seq-len]")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--device", default=None, help="cpu, cuda, cuda:1 [cpu].")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads per process.")
+@click.option("--threads", default=None, type=THREADS, help="torch CPU threads per process.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 def command(teacher, plan_arg, corpus, tokens, out, glob_, tokenizer, seq_len, batch_size, stage1_fraction,
             anneal_fraction, final_fraction, lr_latent, lr_correction, lr_scale, lr_norm, correction_from, kl_weight,
@@ -63,6 +65,8 @@ def command(teacher, plan_arg, corpus, tokens, out, glob_, tokenizer, seq_len, b
     if not plan_arg.startswith("layout:") and not Path(plan_arg).is_file():
         raise DfplanError(f"--plan {plan_arg!r} is neither a plan.json file nor layout:NAME")
     parse_count(tokens)
+    check_corpus(corpus)
+    check_corpus(eval_corpus, "--eval-corpus")
     outp = check_out_dir(out)
     check_same_model(outp.parent, teacher)
     from ..distill.losses import LossConfig

@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..runfolder import check_model_arg, check_out_file
+from ..runfolder import check_corpus, check_model_arg, check_out_dir, check_out_file
 
 
 @click.command(name="eval", help="Perplexity and zero-shot accuracy of a model or packed artifact. "
@@ -46,6 +46,9 @@ def command(model_arg, corpus, tokenizer, teacher, seq_len, windows, batch_size,
             check_model_arg(v, flag)
     if out is not None:
         check_out_file(out)
+    check_corpus(corpus)
+    if write_tasks is not None:
+        check_out_dir(write_tasks, "--write-tasks")
     if tasks is None and write_tasks is None:
         if not corpus:
             raise DfplanError("pass --corpus (held-out perplexity) or --tasks (standard tasks)")

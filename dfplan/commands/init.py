@@ -5,9 +5,8 @@ from pathlib import Path
 
 import click
 
-from ..errors import DfplanError
 from ..project import load_project, render_project, write_project
-from ..runfolder import check_model_arg, check_out_dir
+from ..runfolder import check_corpus, check_model_arg, check_out_dir
 
 
 @click.command(name="init", help="Write dfplan.toml here: default --model, --corpus, --sensitivity and run "
@@ -21,8 +20,7 @@ from ..runfolder import check_model_arg, check_out_dir
 @click.option("--force", is_flag=True, help="Replace an existing dfplan.toml.")
 def command(model_arg, corpus, run_dir, sensitivity, force):
     check_model_arg(model_arg)
-    if any(not c.strip() for c in corpus):
-        raise DfplanError("--corpus is empty; pass a file, folder, glob or 'builtin'")
+    check_corpus(corpus)
     check_out_dir(run_dir, "--run")
     check_out_dir(".", "the working directory")
     if not force:

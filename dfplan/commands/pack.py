@@ -5,6 +5,8 @@ import json
 
 import click
 
+from ._types import SEED, THREADS
+
 
 @click.command(name="pack", help="Write a packed artifact from a plan or layout (no distillation).")
 @click.option("--model", "model_arg", required=True,
@@ -13,10 +15,10 @@ import click
               help="plan.json, or layout:NAME (see `dfplan size --help` for the layouts).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Output directory.")
 @click.option("--tokenizer", default=None, help="Store this tokenizer.json (default: the model's own).")
-@click.option("--seed", default=0, show_default=True, type=int, help="Random-init and correction seed.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Random-init and correction seed.")
 @click.option("--exact-svd", is_flag=True,
               help="Accurate subspace-iteration init of corrections (slow on 1.3B) instead of svd_lowrank.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option("--threads", default=None, type=THREADS, help="torch CPU threads.")
 def command(model_arg, plan_arg, out, tokenizer, seed, exact_svd, threads):
     from ..runtime.pack import pack
 

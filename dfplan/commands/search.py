@@ -5,6 +5,8 @@ import sys
 
 import click
 
+from ._types import SEED
+
 from ..project import default
 from ..runfolder import check_model_arg, claim_run, record_run
 from ..sizes import parse_bytes
@@ -49,7 +51,7 @@ def _info(msg: str) -> None:
 @click.option("--prior", is_flag=True, help="Use the size-only prior instead of a sensitivity table (no quality claim).")
 @click.option("--front-points", default=24, show_default=True, type=click.IntRange(min=2),
               help="Budgets swept for the MILP Pareto front.")
-@click.option("--seed", default=0, show_default=True, type=int)
+@click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--time-limit", default=120.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds per MILP solve.")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out that is not this model's run folder.")

@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import click
 
+from ._types import SEED, THREADS
+
 from ..errors import DfplanError
 from ..project import default
-from ..runfolder import check_model_arg, check_out_file, claim_if_run_folder, record_run
+from ..runfolder import check_corpus, check_model_arg, check_out_file, claim_if_run_folder, record_run
 
 
 def _top_k(text: str) -> tuple[int, ...]:
@@ -29,7 +31,7 @@ def _top_k(text: str) -> tuple[int, ...]:
               help="'default' (bin, bin+r8..r128, int2/3/4/8, fp16) or a comma list of format names.")
 @click.option("--windows", default=32, show_default=True, type=click.IntRange(min=1), help="Calibration windows.")
 @click.option("--seq-len", default=256, show_default=True, type=click.IntRange(min=1), help="Tokens per window.")
-@click.option("--seed", default=0, show_default=True, type=int, help="Calibration sampling seed.")
+@click.option("--seed", default=0, show_default=True, type=SEED, help="Calibration sampling seed.")
 @click.option("--batch-windows", default=8, show_default=True, type=click.IntRange(min=1),
               help="Calibration windows per micro-batch.")
 @click.option("--max-batch-tokens", default=0, show_default=True, type=click.IntRange(min=0),
@@ -38,7 +40,7 @@ def _top_k(text: str) -> tuple[int, ...]:
 @click.option("--units", multiple=True, help="Only units matching these fnmatch patterns (repeatable).")
 @click.option("--nproc", default=1, show_default=True, type=click.IntRange(min=1),
               help="Shard the jobs over N processes (torch.distributed, gloo).")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="Torch threads per process.")
+@click.option("--threads", default=None, type=THREADS, help="Torch threads per process.")
 @click.option("--restart", is_flag=True, help="Discard partial results of an interrupted run.")
 @click.option("--random-init", is_flag=True, help="Random weights (with preset:NAME): for timing only.")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
@@ -60,6 +62,7 @@ def command(ctx, model_arg, corpus, tokenizer, candidates, windows, seq_len, see
                           "or defaults from a dfplan.toml written by `dfplan init`)")
     # checked before torch is imported: a bad path costs a fraction of a second, not a model load
     check_model_arg(model_arg)
+    check_corpus(corpus)
     outp = check_out_file(out)
     if outp.suffix.lower() != ".csv":
         raise DfplanError(f"--out {out} must name a .csv file (parquet and JSON are written beside it)")
@@ -96,9 +99,9 @@ def command(ctx, model_arg, corpus, tokenizer, candidates, windows, seq_len, see
 @click.option("--joint-spec", default=None, help="Format for the top-k sets (default: the coarsest linear format in the table).")
 @click.option("--heldout-windows", default=16, show_default=True, type=click.IntRange(min=1))
 @click.option("--seq-len", default=None, type=click.IntRange(min=1), help="Default: the table's.")
-@click.option("--seed", default=None, type=int, help="Default: the table's.")
+@click.option("--seed", default=None, type=SEED, help="Default: the table's.")
 @click.option("--batch-windows", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--threads", default=None, type=click.IntRange(min=1))
+@click.option("--threads", default=None, type=THREADS)
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="validation.json (a .md table is written beside).")
 def validate_command(model_arg, corpus, table, tokenizer, sample, top_k, joint_spec, heldout_windows, seq_len,
                      seed, batch_windows, threads, out):

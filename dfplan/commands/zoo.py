@@ -5,8 +5,10 @@ import os
 
 import click
 
+from ._types import SEED, THREADS
+
 from ..errors import DfplanError
-from ..runfolder import check_out_dir
+from ..runfolder import check_corpus, check_out_dir
 
 
 def _info(msg: str) -> None:
@@ -32,13 +34,14 @@ def command():
 @click.option("--warmup", type=click.IntRange(min=0), default=None, help="Warmup steps [10% of steps, at most 100].")
 @click.option("--eval-every", type=click.IntRange(min=1), default=None, help="Validate every N steps [steps/5].")
 @click.option("--ckpt-every", type=click.IntRange(min=1), default=None, help="Checkpoint every N steps [= --eval-every].")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch CPU threads [torch default].")
+@click.option("--seed", type=SEED, default=0, show_default=True)
+@click.option("--threads", type=THREADS, default=None, help="torch CPU threads [torch default].")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run in --out.")
 @click.option("--force", is_flag=True, help="Train into a non-empty --out that holds no teacher run.")
 def train(preset, corpus, glob_, out, tokenizer, steps, seq_len, batch_size, lr, warmup, eval_every,
           ckpt_every, seed, threads, resume, force):
     outp = check_out_dir(out)                 # before torch: bad paths fail in a fraction of a second
+    check_corpus(corpus)
     if outp.is_dir() and not force and os.listdir(outp) and not (
             (outp / "zoo.json").exists() or (outp / "checkpoint.pt").exists()):
         raise DfplanError(f"--out {out} is not empty and holds no teacher run; choose an empty folder "
@@ -57,6 +60,8 @@ def train(preset, corpus, glob_, out, tokenizer, steps, seq_len, batch_size, lr,
 @click.option("--dir", "root", default="runs", show_default=True, type=click.Path(file_okay=False),
               help="Folder searched recursively for trained teachers (zoo.json).")
 def list_(root):
+    if root != "runs" and not os.path.isdir(root):      # the default may simply not exist yet
+        raise DfplanError(f"--dir {root!r} is not a folder")
     from tabulate import tabulate
 
     from ..zoo import find_teachers, preset_rows
