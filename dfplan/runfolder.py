@@ -33,6 +33,7 @@ OWN_NAMES = {
     "sensitivity.parquet", "sensitivity.json", "sensitivity_blocks.csv", "sensitivity_blocks.parquet",
     "sensitivity.partial", "plan.json", "plan.md", "pareto.csv", "study.db", "eval.json",
     "validation.json", "validation.md", "report.md", "kernels.json", "packed",
+    "report_figures", "dfssm",      # dfplan report's figures; the demo's second (DF-SSM) plan
 }
 _FP_CHUNK = 8 << 20          # bytes hashed at each end of a weight file
 
