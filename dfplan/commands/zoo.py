@@ -42,6 +42,8 @@ def train(preset, corpus, glob_, out, tokenizer, steps, seq_len, batch_size, lr,
           ckpt_every, seed, threads, resume, force):
     outp = check_out_dir(out)                 # before torch: bad paths fail in a fraction of a second
     check_corpus(corpus)
+    # at once: loading torch and training the tokenizer take a while before the first step
+    _info(f"zoo: training the {preset} teacher into {out} (tokenizer first, then the steps)")
     if outp.is_dir() and not force and os.listdir(outp) and not (
             (outp / "zoo.json").exists() or (outp / "checkpoint.pt").exists()):
         raise DfplanError(f"--out {out} is not empty and holds no teacher run; choose an empty folder "
