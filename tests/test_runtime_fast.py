@@ -118,3 +118,20 @@ def test_cpu_step_low_precision_state_equals_reference(state_dtype):
     assert ss.dtype == state_dtype
     # the reference rounds the fp32 update to the state dtype (nearest even) like the kernel
     torch.testing.assert_close(ss.float(), ss2.float(), rtol=1e-5, atol=1e-5)
+
+
+def test_profile_breakdown_sums_to_the_step(tmp_path):
+    import dfplan
+    from dfplan.runtime.profile import profile_decode, step_bytes
+    cfg = Mamba2Config.preset("tiny").replace(chunk_size=16, d_model=64, n_layer=2, headdim=16,
+                                              d_state=16, vocab_size=256)
+    m = build_model(cfg, seed=0).eval()
+    dfplan.compress(m, "layout:dfssm")
+    r = profile_decode(m, prompt_len=10, new_tokens=8)
+    assert abs(sum(r["breakdown_ms"].values()) - r["ms_per_token"]) < 1e-6 * max(1.0, r["ms_per_token"])
+    assert {"in_proj", "out_proj", "fused SSM step"} <= set(r["breakdown_ms"])
+    b = step_bytes(m)
+    # state: 2 layers x H x P x N fp32, read and written
+    assert b["ssm_state_rw"] == 2 * 2 * cfg.nheads * cfg.headdim * cfg.d_state * 4
+    assert step_bytes(m, torch.bfloat16)["ssm_state_rw"] == b["ssm_state_rw"] // 2
+    assert not hasattr(m, "embed") or "embed" not in vars(m)          # wrappers removed

@@ -33,7 +33,8 @@ def reuse_freed_memory() -> bool:
     tens-of-MB temporaries of quantising one layer after another reuse the same pages
     instead of being mapped, zero-filled and unmapped every time: on Mamba-2 1.3B that cut
     the kernel's page-fault time ~15x (system CPU 1.7 s -> 0.1 s per 8 in_proj layers).
-    Process-wide and best effort (False where there is no glibc)."""
+    Process-wide and best effort (False where there is no glibc). Call it after allocating
+    big blocks that will be freed for good: blocks allocated after it stay in the heap."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))  # MMAP / TRIM threshold
@@ -50,6 +51,8 @@ def random_compressed(cfg: Mamba2Config, plan, seed: int = 0, exact_svd: bool = 
     resolved = plan.resolve(cfg)
     skip = {u.name for u in compressible_units(cfg) if module_for(resolved[u.name], u.kind) is not None}
     model = build_model(cfg, device="meta").to_empty(device="cpu")   # untouched pages cost nothing
+    # only now: the big empty weights above stay mmapped, so freeing them returns memory
+    reuse_freed_memory()
     init_weights(model, seed, skip=skip)
     gen = torch.Generator().manual_seed(seed + 1)
     bufs: dict = {}
@@ -78,7 +81,6 @@ def pack(model_arg: str, plan_arg: str, out_dir: str | os.PathLike, *, tokenizer
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
         raise DfplanError(f"{out} exists and is not an (empty or packed) directory; choose another --out")
-    reuse_freed_memory()
     t0 = time.perf_counter()
     if model_arg.startswith("preset:"):                   # streamed: never the float model
         cfg = Mamba2Config.preset(model_arg)
@@ -99,6 +101,7 @@ def pack(model_arg: str, plan_arg: str, out_dir: str | os.PathLike, *, tokenizer
         plan = resolve_plan(plan_arg, m.config)           # errors before any quantisation
         expected = plan_bytes(m.config, plan).total_bytes
         t_load = time.perf_counter() - t0
+        reuse_freed_memory()
         compress(m, plan, seed=seed, fast_svd=not exact_svd, progress=progress)
     t_quant = time.perf_counter() - t0 - t_load
     save_packed(m, out)

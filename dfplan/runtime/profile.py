@@ -1,0 +1,147 @@
+"""Where a decoded token's time goes: per-component wall time of the recurrent step.
+
+Wraps, for the duration of the measurement only, the pieces of model.step: the embedding
+gather, every mixer's in_proj / out_proj, the fused SSM step (mixer.step minus its two
+linears), attention / MLP layers, the output head (final norm + lm_head), and calls the rest
+(block norms, residual adds, Python) "other". Timer overhead is ~1 us per wrapped call.
+Also reports the bytes a step must move: the packed weights it reads (the whole head, one
+embedding row) and the SSM + conv state it reads and writes, i.e. the bandwidth bound.
+"""
+from __future__ import annotations
+
+import time
+from collections import defaultdict
+
+import torch
+
+from ..formats.modules import CompressedModule
+from .api import load
+from .decode import prefill, state_dtype_of
+from .generate import peak_rss_bytes
+
+
+def step_bytes(model, state_dtype=torch.float32) -> dict:
+    """Bytes one batch-1 decode step moves: weights read + state read and written."""
+    weights = 0
+    for name, mod in model.named_modules():
+        if name == "backbone.embedding":
+            continue                          # the head reads it whole (tied) below
+        if isinstance(mod, CompressedModule):
+            weights += sum(t.numel() * t.element_size() for t in mod.payload().values())
+        elif isinstance(mod, torch.nn.Linear):
+            weights += mod.weight.numel() * mod.weight.element_size()
+    emb = model.backbone.embedding
+    emb_bytes = (sum(t.numel() * t.element_size() for t in emb.payload().values())
+                 if isinstance(emb, CompressedModule) else emb.weight.numel() * emb.weight.element_size())
+    head = emb_bytes if model.lm_head is None else 0
+    cfg = model.config
+    n_mamba = cfg.n_layer - len(cfg.attn_layer_idx)
+    ssm = n_mamba * cfg.nheads * cfg.headdim * cfg.d_state * torch.finfo(state_dtype).bits // 8
+    conv = n_mamba * cfg.conv_dim * cfg.d_conv * 4
+    return {"weights": weights + head, "ssm_state_rw": 2 * ssm, "conv_state_rw": 2 * conv,
+            "total": weights + head + 2 * ssm + 2 * conv}
+
+
+class _Timer:
+    def __init__(self):
+        self.t = defaultdict(float)
+
+    def wrap(self, key, fn):
+        def timed(*a, **kw):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                self.t[key] += time.perf_counter() - t0
+        return timed
+
+
+@torch.no_grad()
+def profile_decode(model, prompt_len: int = 100, new_tokens: int = 128, seed: int = 0,
+                   state_dtype=torch.float32) -> dict:
+    """Greedy batch-1 decode of new_tokens after a random prompt, timed per component."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g)
+    cache = model.new_cache(1, state_dtype=state_dtype)
+    logits, cache = prefill(model, ids, cache)
+    nxt = logits.argmax(-1)
+    for _ in range(3):                                     # warm caches / lazy unpacking
+        nxt = model.step(nxt, cache).argmax(-1)
+    tm = _Timer()
+    patched = []                                           # (object, attribute) to restore
+
+    def patch(obj, attr, key):
+        setattr(obj, attr, tm.wrap(key, getattr(obj, attr)))
+        patched.append((obj, attr))
+
+    patch(model, "embed", "embedding")
+    patch(model, "head", "head (norm_f + lm_head)")
+    for blk in model.backbone.layers:
+        mix = blk.mixer
+        if blk.is_attention:
+            patch(mix, "step", "attention")
+        else:
+            patch(mix, "step", "mixer step")
+            patch(mix.in_proj, "forward", "in_proj")
+            patch(mix.out_proj, "forward", "out_proj")
+        if blk.mlp is not None:
+            patch(blk.mlp, "forward", "mlp")
+    try:
+        t0 = time.perf_counter()
+        for _ in range(new_tokens):
+            nxt = model.step(nxt, cache).argmax(-1)
+        total = time.perf_counter() - t0
+    finally:
+        for obj, attr in patched:
+            delattr(obj, attr)                             # back to the class method
+    t = dict(tm.t)
+    lin = t.get("in_proj", 0.0) + t.get("out_proj", 0.0)
+    parts = {"in_proj": t.get("in_proj", 0.0), "out_proj": t.get("out_proj", 0.0),
+             "fused SSM step": t.get("mixer step", 0.0) - lin,
+             "attention": t.get("attention", 0.0), "mlp": t.get("mlp", 0.0),
+             "embedding": t.get("embedding", 0.0), "head (norm_f + lm_head)": t.get("head (norm_f + lm_head)", 0.0)}
+    parts = {k: v for k, v in parts.items() if v > 0}
+    parts["other (norms, residuals, argmax, Python)"] = max(0.0, total - sum(parts.values()))
+    per_tok = total / new_tokens
+    return {"tokens": new_tokens, "ms_per_token": 1000 * per_tok, "tok_s": 1 / per_tok,
+            "threads": torch.get_num_threads(),
+            "breakdown_ms": {k: 1000 * v / new_tokens for k, v in parts.items()},
+            "breakdown_share": {k: v / total for k, v in parts.items()},
+            "bytes_per_step": step_bytes(model, state_dtype)}
+
+
+def decode_benchmark(model_arg: str, threads: int = 1, prompt_len: int = 100, new_tokens: int = 128,
+                     state_dtype: str = "fp32", repeats: int = 3, seed: int = 0) -> dict:
+    """Prefill ms and decode tok/s of Model.generate (best of `repeats`), then a profile."""
+    torch.set_num_threads(threads)
+    m = load(model_arg, state_dtype=state_dtype)
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, m.config.vocab_size, (1, prompt_len), generator=g)
+    m.generate(ids, 4, eos=False)                                   # warm-up (lazy unpacking)
+    runs = []
+    for _ in range(repeats):
+        m.generate(ids, new_tokens, eos=False)
+        runs.append(m.last_stats.to_json())
+    best = {"prefill_ms": min(r["prefill_ms"] for r in runs),
+            "decode_tok_s": max(r["decode_tok_s"] for r in runs)}
+    prof = profile_decode(m.module, prompt_len, min(new_tokens, 32), seed, state_dtype_of(state_dtype))
+    return {"model": model_arg, "threads": threads, "prompt_len": prompt_len, "new_tokens": new_tokens,
+            "state_dtype": state_dtype, **best, "runs": runs, "peak_rss_bytes": peak_rss_bytes(),
+            "payload_bytes": getattr(m.module, "dfplan_manifest", {}).get("payload_bytes"),
+            "profile": prof}
+
+
+if __name__ == "__main__":
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description="Decode benchmark + per-component profile of one model.")
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--prompt-len", type=int, default=100)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--repeats", type=int, default=3)
+    a = ap.parse_args()
+    print(json.dumps(decode_benchmark(a.model, a.threads, a.prompt_len, a.new_tokens, a.state_dtype,
+                                      a.repeats), indent=1))
