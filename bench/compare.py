@@ -80,9 +80,17 @@ def _mwu_greater(new: list[float], base: list[float]) -> float | None:
 
 
 def compare(base: dict, new: dict, time_threshold: float = 0.10, size_threshold: float = 0.02,
-            alpha: float = 0.01) -> Comparison:
+            alpha: float = 0.01, allow_busy: bool = False) -> Comparison:
+    """allow_busy: judge timings even when either run shared the machine with other work
+    (its load average exceeded the CPU count); by default such timings are shown, not judged."""
     comparable(base, new)
     out = Comparison()
+    busy = [f"{which}: {why}" for which, r in (("BASE", base), ("NEW", new)) if (why := schema.busy(r))]
+    judge_time = allow_busy or not busy
+    if busy:
+        out.notes.append("busy machine (" + "; ".join(busy) + "): timings "
+                         + ("judged anyway (--allow-busy)" if allow_busy else
+                            "not judged, sizes only; re-run on an idle machine or pass --allow-busy"))
     bv, nv = base["variants"], new["variants"]
     for name in sorted(set(bv) | set(nv)):
         b, n = bv.get(name), nv.get(name)
@@ -112,10 +120,12 @@ def compare(base: dict, new: dict, time_threshold: float = 0.10, size_threshold:
                 mb, mn = cb["metrics"][metric], cn["metrics"][metric]
                 r = mn["median"] / mb["median"] if mb["median"] > 0 else math.inf
                 p = _mwu_greater(mn.get("samples") or [], mb.get("samples") or [])
-                slower = r >= 1 + time_threshold
+                slower = r >= 1 + time_threshold and (p is None or p < alpha)
                 note = "" if p is not None else "no raw samples: ratio only"
+                if slower and not judge_time:
+                    note = "slower, not judged: busy machine"
                 out.rows.append(Row(name, cname, metric, mb["median"], mn["median"], r, p,
-                                    slower and (p is None or p < alpha), note))
+                                    slower and judge_time, note))
     return out
 
 

@@ -248,7 +248,7 @@ def run_e2e(cfg: E2EConfig, log=print) -> dict:
                 out[name] = {"status": "failed", "reason": f"loading: {e}",
                              "description": _desc(name)}
                 log(f"fail {name}: {e}")
-        samples = _interleave(workers, cfg, out, log)
+        samples = _interleave(workers, cfg, out, log, res)
         mem = {}
         for name, w in workers.items():
             try:
@@ -275,6 +275,7 @@ def run_e2e(cfg: E2EConfig, log=print) -> dict:
         for batch, case in samples[name].items():
             entry["cases"][f"b{batch}"] = _case_stats(batch, case, entry["model_bytes"], bw_gbs, cfg.gen_len)
         out[name] = entry
+    schema.note_load(res)
     res["loadavg_after"] = list(os.getloadavg())
     return res
 
@@ -283,7 +284,7 @@ def _desc(name: str) -> str:
     return VARIANTS[name].description
 
 
-def _interleave(workers: dict, cfg: E2EConfig, out: dict, log) -> dict:
+def _interleave(workers: dict, cfg: E2EConfig, out: dict, log, res: dict) -> dict:
     """Round-robin samples over every (variant, batch) case; returns {name: {batch: {...}}}."""
     cases = [(n, b) for n in workers for b in cfg.batches]
     data = {n: {b: {"prefill_s": [], "decode_s": [], "skipped": None} for b in cfg.batches} for n in workers}
@@ -298,6 +299,7 @@ def _interleave(workers: dict, cfg: E2EConfig, out: dict, log) -> dict:
         live = [c for c in cases if c not in done and c[0] in workers and c[0] not in out]
         if not live:
             break
+        schema.note_load(res)
         k = rounds % len(live)
         for name, batch in live[k:] + live[:k]:          # rotate the order every round
             d = data[name][batch]

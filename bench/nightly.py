@@ -49,6 +49,10 @@ def kernels_as_result(k: dict) -> dict:
                                "p90": r["p90_ms"], "samples": None}},
             "frac_bandwidth": r["frac_bandwidth"]}
     res["bandwidth"] = k["bandwidth"]
+    start = k["metadata"]["cpu"].get("loadavg_1m_5m_15m") or [0.0]
+    end = k.get("loadavg_after") or [0.0]
+    res["load"] = {"start": start, "end": end, "max_1m": max(start[0], end[0])}
+    res["loadavg_after"] = end
     return res
 
 
@@ -80,12 +84,13 @@ def history_runs(hdir: Path) -> list[Path]:
     return sorted(p for p in runs.iterdir() if p.is_dir()) if runs.exists() else []
 
 
-def _violations(base: dict, new: dict, **kw) -> set[tuple] | str:
+def _violations(base: dict, new: dict, notes: list, **kw) -> set[tuple] | str:
     """Keys (variant, case, metric) where new regresses vs base, or why they cannot be compared."""
     try:
         c = compare(base, new, **kw)
     except DfplanError as e:
         return str(e)
+    notes += [n for n in c.notes if n.startswith("busy machine") and n not in notes]
     return {(r.variant, r.case, r.metric) for r in c.regressions}
 
 
@@ -95,13 +100,11 @@ def consecutive_flags(series: list[dict], **kw) -> tuple[set[tuple], list[str]]:
     if len(series) < 3:
         return set(), [f"{len(series)} run(s) in the history: two consecutive violations need 3"]
     base, prev, last = series[-3], series[-2], series[-1]
-    a, b = _violations(base, prev, **kw), _violations(base, last, **kw)
-    notes = []
-    for x in (a, b):
-        if isinstance(x, str):
-            notes.append(f"baseline reset: {x}")
-    if notes:
-        return set(), notes
+    notes: list[str] = []
+    a, b = _violations(base, prev, notes, **kw), _violations(base, last, notes, **kw)
+    resets = [f"baseline reset: {x}" for x in (a, b) if isinstance(x, str)]
+    if resets:
+        return set(), notes + resets
     single = b - a
     if single:
         notes.append("violating once (flagged if the next run violates too): "

@@ -79,7 +79,9 @@ def build(jobs: int = 2) -> LlamaCpp:
                     "llama-quantize", "-j", str(jobs)], check=True)
     # the bindings alone: LLAMA_BUILD=OFF skips compiling llama.cpp a second time
     env = {**os.environ, "CMAKE_ARGS": "-DLLAMA_BUILD=OFF -DLLAVA_BUILD=OFF"}
-    subprocess.run([py, "-m", "pip", "install", str(pkg)], check=True, env=env)
+    pin = Path(sys.prefix) / "torch-pin.txt"       # never let pip swap the pinned torch
+    subprocess.run([py, "-m", "pip", "install", *(["-c", str(pin)] if pin.exists() else []), str(pkg)],
+                   check=True, env=env)
     found, why = find_llama_cpp()
     if found is None:
         raise RuntimeError(f"llama.cpp build finished but is incomplete: {why}")

@@ -126,7 +126,30 @@ def new_result(benchmark: str, params: dict) -> dict:
             "bench_version": BENCH_VERSIONS[benchmark],
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "git": git_commit(), "versions": lib_versions(), "machine": machine(),
-            "params": params, "variants": {}}
+            "params": params, "variants": {}, "load": {"start": _loadavg(), "max_1m": _loadavg()[0]}}
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return [0.0, 0.0, 0.0]
+
+
+def note_load(res: dict) -> None:
+    """Track the highest 1-minute load average seen during the run (called between samples)."""
+    load = res.setdefault("load", {"start": _loadavg(), "max_1m": 0.0})
+    load["max_1m"] = max(load.get("max_1m", 0.0), _loadavg()[0])
+    load["end"] = _loadavg()
+
+
+def busy(res: dict) -> str | None:
+    """Why the run's timings are not trustworthy (other work on the machine), or None."""
+    cpus = res["machine"].get("logical_cpus") or 1
+    top = (res.get("load") or {}).get("max_1m")
+    if top is not None and top > cpus:
+        return f"1-minute load average reached {top:.1f} on {cpus} logical CPUs"
+    return None
 
 
 def _canonical(body: dict) -> bytes:

@@ -30,6 +30,7 @@ def _result(scale=1.0, rng=None, n=15, model_bytes=1_000_000, rss=4_000_000_000)
                              "metrics": {"decode_ms_per_token": schema.metric(draw),
                                          "prefill_ms": schema.metric(pre)}}}}
     res["variants"]["llamacpp-q8_0"] = {"status": "skipped", "reason": "not built"}
+    res["load"] = {"start": [0.2, 0.2, 0.2], "max_1m": 0.3}     # an idle machine
     return res
 
 
@@ -76,6 +77,18 @@ def test_compare_flags_a_30pct_slowdown_and_not_same_noise():
     assert 1.15 < r.ratio < 1.45 and r.p_value < 0.01
     # 5% slower is below the 10% threshold even though it may be significant
     assert not cmp.compare(base, _result(scale=1.05, rng=rng)).regressions
+
+
+def test_busy_machine_timings_are_shown_not_judged():
+    rng = random.Random(5)
+    base, slow = _result(rng=rng), _result(scale=1.3, rng=rng, model_bytes=1_050_000)
+    slow["load"]["max_1m"] = 4.0 * slow["machine"]["logical_cpus"]
+    c = cmp.compare(base, slow)
+    assert {r.metric for r in c.regressions} == {"model_bytes"}     # sizes are still judged
+    assert any("busy machine" in n for n in c.notes)
+    assert any("not judged" in r.note for r in c.rows)
+    assert {r.metric for r in cmp.compare(base, slow, allow_busy=True).regressions} >= {
+        "model_bytes", "decode_ms_per_token"}
 
 
 def test_compare_sizes_and_cli_exit_code(tmp_path):

@@ -84,11 +84,14 @@ def e2e(model_arg, random_init, variants, list_variants, packed, plan, prompt_le
 @click.option("--time-threshold", default=0.10, show_default=True, type=float)
 @click.option("--size-threshold", default=0.02, show_default=True, type=float)
 @click.option("--alpha", default=0.01, show_default=True, type=float, help="Mann-Whitney U level.")
+@click.option("--allow-busy", is_flag=True, help="Judge timings even if a run's load average "
+              "exceeded the CPU count (other work on the machine).")
 @click.option("--json", "as_json", is_flag=True)
-def compare(base, new, time_threshold, size_threshold, alpha, as_json):
+def compare(base, new, time_threshold, size_threshold, alpha, allow_busy, as_json):
     from ..bench.compare import compare_files, format_comparison
 
-    c = compare_files(base, new, time_threshold=time_threshold, size_threshold=size_threshold, alpha=alpha)
+    c = compare_files(base, new, time_threshold=time_threshold, size_threshold=size_threshold,
+                      alpha=alpha, allow_busy=allow_busy)
     click.echo(json.dumps(c.to_json(), indent=1) if as_json else format_comparison(c))
     if c.regressions:
         sys.exit(1)
