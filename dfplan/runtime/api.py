@@ -21,6 +21,7 @@ from ..formats import quant
 from ..formats.apply import apply_plan
 from ..formats.layouts import layout_names, layout_plan
 from ..formats.plan import Plan
+from ..kernels import select_backend
 from ..loading import WEIGHT_FILES, load_config, load_model
 from ..model import build_model
 from ..packed import MANIFEST, load_packed
@@ -52,6 +53,19 @@ class Model:
         self.cuda_graph = cuda_graph
         self.prefill_chunk = int(prefill_chunk)
         self.last_stats: DecodeStats | None = None
+        self.prepare()
+
+    def prepare(self) -> "Model":
+        """Do the one-time work now rather than inside the first prefill: unpack 2/3/4-bit
+        codes, prepack the int8 head, build the correction caches, load the CPU kernels."""
+        select_backend(torch.empty(0, device=self.device))
+        with torch.no_grad():
+            for mod in self.module.modules():
+                for name in ("fast_weights", "head_weights"):
+                    fn = getattr(mod, name, None)
+                    if fn is not None and _materialized(mod):
+                        fn()
+        return self
 
     # -- plumbing ------------------------------------------------------------------------
     @property
@@ -187,6 +201,10 @@ class Model:
                     res.tokens[i] = res.tokens[i][:len(tracker.ids[i])]
         self.last_stats = res.stats
         return res, tracker
+
+
+def _materialized(mod) -> bool:
+    return all(b.device.type != "meta" for b in mod.buffers(recurse=False))
 
 
 def _stops(stop) -> tuple[str, ...]:
