@@ -58,6 +58,16 @@ def test_batch_of_different_lengths_equals_one_at_a_time(model):
     assert [len(r) for r in batch] == [17, 34, 55]
 
 
+@pytest.mark.parametrize("layout", ["dfssm", "int4"])
+def test_batch_equals_one_at_a_time_on_packed_kernels(layout):
+    # 1-bit + int8 corrections, fbgemm/int8 head, unpacked int4: every kernel works per token row
+    m = Model(dfplan.compress(build_model(CFG, seed=4).eval(), f"layout:{layout}"))
+    prompts = [_ids(n, seed=10 + n)[0].tolist() for n in (1, 7, 33)]
+    assert m.generate(prompts, 10, eos=False) == [m.generate([p], 10, eos=False)[0] for p in prompts]
+    for kw in (dict(temperature=0.9, seed=1), dict(state_dtype="bf16")):
+        assert m.generate(prompts[:1], 10, eos=False, **kw) == m.generate(prompts[:1], 10, eos=False, **kw)
+
+
 def test_hybrid_model_batch(model):
     cfg = Mamba2Config(d_model=64, n_layer=3, vocab_size=300, d_state=16, headdim=16, chunk_size=16,
                        attn_layer_idx=(1,), d_intermediate=96, tie_embeddings=False,
