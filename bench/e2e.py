@@ -104,6 +104,7 @@ class _Inline:
                 "memory_note": "not isolated: peak memory is not measured per variant"}
 
     def close(self):
+        getattr(self.runner, "close", lambda: None)()
         self.runner = None
 
 
@@ -127,6 +128,7 @@ def _worker(conn, p: Prepared):
                 conn.send(("ok", {"peak_rss_bytes": _peak_rss(), "base_rss_bytes": base,
                                   "peak_gpu_bytes": gpu}))
             else:
+                getattr(runner, "close", lambda: None)()
                 break
     except Exception as e:  # reported to the parent, which marks the variant failed
         conn.send(("error", f"{type(e).__name__}: {e}", traceback.format_exc(limit=4)))

@@ -50,9 +50,9 @@ def find_llama_cpp() -> tuple[LlamaCpp | None, str | None]:
 
 def import_llama_cpp():
     """The llama_cpp module bound to the cached shared libraries, or raise ImportError."""
-    found, why = find_llama_cpp()
-    if found is not None:
-        os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(found.lib_dir))
+    lib_dir = peers_dir() / "build" / "bin"
+    if (lib_dir / "libllama.so").exists():
+        os.environ.setdefault("LLAMA_CPP_LIB_PATH", str(lib_dir))
     import llama_cpp  # noqa: F401  (ImportError / OSError when missing or not loadable)
     return llama_cpp
 

@@ -140,16 +140,28 @@ class Sources:
     log: Callable[[str], None] = print
 
     def reference(self) -> Path:
-        """fp32 checkpoint in transformers layout (loads in dfplan, transformers, the GGUF converter)."""
+        """fp32 checkpoint in transformers layout (loads in dfplan, transformers, the GGUF converter).
+
+        A tied head is stored once (no lm_head copy): transformers re-ties it and llama.cpp
+        then uses token_embd as the output, as for the released mamba2 checkpoints."""
         d = self.cache / "reference-hf"
         if (d / "config.json").exists() and (d / "model.safetensors").exists():
             return d
-        from dfplan.loading import load_model, save_hf
+        from safetensors.torch import save_file
+
+        from dfplan.fileio import atomic_path, write_json_atomic
+        from dfplan.loading import config_to_hf, load_model
         self.log(f"writing the reference checkpoint {d}")
         model, _ = load_model(self.model, random_init=self.random_init, dtype=torch.float32,
                               seed=self.seed)
-        save_hf(model, d)
-        del model
+        sd = {("backbone.embeddings." + k[len("backbone.embedding."):]
+               if k.startswith("backbone.embedding.") else k): v.contiguous()
+              for k, v in model.state_dict().items()}
+        d.mkdir(parents=True, exist_ok=True)
+        with atomic_path(d / "model.safetensors") as tmp:
+            save_file(sd, str(tmp), metadata={"format": "pt"})
+        write_json_atomic(d / "config.json", config_to_hf(model.config))
+        del model, sd
         return d
 
     def packed_dir(self) -> Path:
@@ -347,6 +359,9 @@ class LlamaCppRunner:
                                    n_threads_batch=threads, logits_all=False, verbose=False)
         self.vocab = self.llm.n_vocab()
         self.model_bytes = Path(p.path).stat().st_size
+
+    def close(self) -> None:
+        self.llm.close()        # before interpreter exit: its destructor needs the library alive
 
     def _argmax(self) -> int:
         ptr = self.llm._ctx.get_logits_ith(-1)
