@@ -31,11 +31,17 @@ RUN = "run.json"
 OWN_NAMES = {
     RUN, "demo.json", "dfplan.toml", "teacher", "student", "logs", "bench", "sensitivity.csv",
     "sensitivity.parquet", "sensitivity.json", "sensitivity_blocks.csv", "sensitivity_blocks.parquet",
-    "sensitivity.partial", "plan.json", "plan.md", "pareto.csv", "study.db", "eval.json",
+    "sensitivity.partial", "plan.json", "plan.md", "pareto.csv", "study.db", "study.db-wal", "study.db-shm",
+    "study.db-journal", "eval.json",
     "validation.json", "validation.md", "report.md", "kernels.json", "packed",
     "report_figures", "dfssm",      # dfplan report's figures; the demo's second (DF-SSM) plan
 }
 _FP_CHUNK = 8 << 20          # bytes hashed at each end of a weight file
+
+
+def is_temp_leftover(name: str) -> bool:
+    """A temp file of fileio.atomic_path that a killed process never renamed."""
+    return name.startswith(".") and name.endswith(".tmp")
 
 
 def _nearest_existing(p: Path) -> Path:
@@ -176,7 +182,8 @@ def claim_run(folder, model_arg: str, *, force: bool = False, random_init: bool 
                               f"({str(run.get('fingerprint'))[:12]}), not of {model_arg!r} ({fp[:12]}); "
                               "choose another --out (or --force to mix them)")
     elif folder.is_dir() and not force:
-        foreign = sorted(n for n in os.listdir(folder) if n not in OWN_NAMES and n not in own)
+        foreign = sorted(n for n in os.listdir(folder) if n not in OWN_NAMES and n not in own
+                         and not is_temp_leftover(n))
         if foreign:
             what = f"dfplan {command}" if command else "dfplan"
             raise DfplanError(f"--out {folder} is not empty and is not a {what} run folder "

@@ -8,7 +8,11 @@ import click
 from ._types import SEED, THREADS
 
 from ..errors import DfplanError
-from ..runfolder import check_corpus, check_out_dir
+from ..runfolder import check_corpus, check_out_dir, is_temp_leftover
+
+# what a teacher run writes into its folder (anything else there belongs to someone else)
+_TEACHER_FILES = {"zoo.json", "checkpoint.pt", "config.json", "tokenizer.json", "model.safetensors",
+                  "pytorch_model.bin", "train_log.jsonl", "dfplan_extra.json"}
 
 
 def _info(msg: str) -> None:
@@ -42,12 +46,13 @@ def train(preset, corpus, glob_, out, tokenizer, steps, seq_len, batch_size, lr,
           ckpt_every, seed, threads, resume, force):
     outp = check_out_dir(out)                 # before torch: bad paths fail in a fraction of a second
     check_corpus(corpus)
+    foreign = [n for n in (os.listdir(outp) if outp.is_dir() else ()) if n not in _TEACHER_FILES
+               and not is_temp_leftover(n)]
+    if foreign and not force:
+        raise DfplanError(f"--out {out} is not empty and holds no teacher run (it holds {foreign[0]}); "
+                          "choose an empty folder or pass --force")
     # at once: loading torch and training the tokenizer take a while before the first step
     _info(f"zoo: training the {preset} teacher into {out} (tokenizer first, then the steps)")
-    if outp.is_dir() and not force and os.listdir(outp) and not (
-            (outp / "zoo.json").exists() or (outp / "checkpoint.pt").exists()):
-        raise DfplanError(f"--out {out} is not empty and holds no teacher run; choose an empty folder "
-                          "or pass --force")
     from ..zoo import TrainConfig, train_teacher
     tc = TrainConfig(out=out, preset=preset, corpus=tuple(corpus), glob=glob_, tokenizer=tokenizer,
                      steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, warmup=warmup,
