@@ -221,3 +221,21 @@ def test_import_dfplan_does_not_import_torch():
     code = "import sys, dfplan; assert 'torch' not in sys.modules; print(callable(dfplan.load))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.strip() == "True", out.stderr
+
+
+def test_eos_ends_one_row_of_a_batch(model, tok, monkeypatch):
+    m = Model(model, tok)
+    prompts = ["hello world", "the quick brown fox"]
+    rows = [tok.encode(p).ids for p in prompts]
+    free = m.generate(rows, 12, eos=False)
+    gen0, gen1 = free[0][len(rows[0]):], free[1][len(rows[1]):]
+    cands = [t for t in gen0[1:6] if t not in gen1 and gen0.index(t) > 0]
+    if not cands:
+        pytest.skip("no token that ends row 0 only")
+    eos = cands[0]
+    monkeypatch.setattr(Model, "eos_id", lambda self: eos)
+    ids = m.generate(rows, 12)
+    assert ids[0] == free[0][:len(rows[0]) + gen0.index(eos)] and ids[1] == free[1]
+    texts = m.generate_text(prompts, max_new_tokens=12)
+    assert texts == [tok.decode(gen0[:gen0.index(eos)]), tok.decode(gen1)]
+    assert texts == [m.generate_text(p, max_new_tokens=12) for p in prompts]

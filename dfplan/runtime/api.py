@@ -187,10 +187,11 @@ class Model:
             if int(r.min()) < 0 or int(r.max()) >= V:
                 raise DfplanError(f"prompt {i} has token ids outside [0, {V})")
         tracker = None
+        eos_id = self.eos_id() if eos else None
         if stops or track_text or stream_emit is not None:
             tracker = TextTracker(self._tokenizer(), len(rows), stops,
-                                  stream_row=0 if stream_emit is not None else None, emit=stream_emit)
-        eos_id = self.eos_id() if eos else None
+                                  stream_row=0 if stream_emit is not None else None, emit=stream_emit,
+                                  eos_id=eos_id)
         sd = self.state_dtype if state_dtype is None else state_dtype_of(state_dtype)
         res = decode(self.module, rows, max_new_tokens, sampling, seed=seed, eos_id=eos_id,
                      on_tokens=tracker, state_dtype=sd, prefill_chunk=self.prefill_chunk,
@@ -199,6 +200,7 @@ class Model:
             for i, stopped in enumerate(tracker.stopped):
                 if stopped:     # ids up to and including the token that completed the stop string
                     res.tokens[i] = res.tokens[i][:len(tracker.ids[i])]
+                    res.finished[i] = "stop"
         self.last_stats = res.stats
         return res, tracker
 

@@ -52,8 +52,8 @@ class TextTracker:
     """Per-row decoded text during generation; stops rows at stop strings."""
 
     def __init__(self, tokenizer, batch: int, stops: tuple[str, ...], stream_row: int | None = None,
-                 emit=None):
-        self.tok, self.stops = tokenizer, stops
+                 emit=None, eos_id: int | None = None):
+        self.tok, self.stops, self.eos_id = tokenizer, stops, eos_id
         self.ids = [[] for _ in range(batch)]
         self.stopped = [False] * batch
         self.texts = [""] * batch
@@ -64,6 +64,9 @@ class TextTracker:
         vals = nxt.tolist()
         for i, v in enumerate(vals):
             if self.stopped[i]:
+                continue
+            if v == self.eos_id:             # the row ends here (other rows may go on)
+                self.stopped[i] = True
                 continue
             self.ids[i].append(v)
             text = self.tok.decode(self.ids[i])
@@ -76,7 +79,7 @@ class TextTracker:
                 if upto > self.emitted:
                     self.emit(text[self.emitted:upto])
                     self.emitted = upto
-        return bool(self.stops) and all(self.stopped)
+        return all(self.stopped)
 
     def flush(self, final_text: str) -> None:
         if self.emit is not None and len(final_text) > self.emitted:
