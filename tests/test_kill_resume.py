@@ -180,3 +180,23 @@ def test_distill(files, tmp_path, point):
     ea, eb = (json.loads((d / "eval.json").read_text()) for d in (out, ref))
     assert ea["student"] == eb["student"]
     assert not (out / "checkpoint.pt").exists() and not (out / ".export").exists()
+
+
+# -- pack -----------------------------------------------------------------------------------------
+
+def _pack_args(files, out):
+    return ["pack", "--model", str(files["teacher"]), "--plan", "layout:dfssm", "--out", str(out),
+            "--threads", "1"]
+
+
+@pytest.mark.parametrize("point", ["replace:model.safetensors:1", "replace:manifest.json:1"])
+def test_pack(files, tmp_path, point):
+    ref = files["root"] / "pack-ref"
+    if not ref.exists():
+        assert main(_pack_args(files, ref)) == 0
+    out = tmp_path / "packed"
+    _killed(_pack_args(files, out), point, tmp_path)
+    assert main(_pack_args(files, out)) == 0
+    assert _sha(out / "model.safetensors") == _sha(ref / "model.safetensors")
+    assert json.loads((out / "manifest.json").read_text())["files"] == \
+        json.loads((ref / "manifest.json").read_text())["files"]

@@ -23,7 +23,8 @@ from ..formats.quant import lowrank_method
 from ..formats.size import plan_bytes
 from ..formats.units import compressible_units
 from ..model import build_model, init_weights
-from ..packed import MANIFEST
+from ..packed import CONFIG, MANIFEST, PLAN, TOKENIZER, WEIGHTS
+from ..runfolder import is_temp_leftover
 from ..tokenizer import check_vocab, load_tokenizer
 from .api import Model, check_fits, compress, load, resolve_plan, save_packed
 
@@ -76,10 +77,15 @@ def random_compressed(cfg: Mamba2Config, plan, seed: int = 0, exact_svd: bool = 
     return model.eval()
 
 
+_PACKED_FILES = {WEIGHTS, CONFIG, PLAN, TOKENIZER, MANIFEST}
+
+
 def pack(model_arg: str, plan_arg: str, out_dir: str | os.PathLike, *, tokenizer: str | None = None,
          seed: int = 0, exact_svd: bool = False, progress: bool = True) -> dict:
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST).exists())):
+    # a folder holding only a packed checkpoint's files, finished or cut short by a kill, is ours
+    if out.exists() and (not out.is_dir() or any(n not in _PACKED_FILES and not is_temp_leftover(n)
+                                                 for n in os.listdir(out))):
         raise DfplanError(f"{out} exists and is not an (empty or packed) directory; choose another --out")
     t0 = time.perf_counter()
     if model_arg.startswith("preset:"):                   # streamed: never the float model
