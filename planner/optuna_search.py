@@ -128,13 +128,28 @@ def open_storage(url: str):
         db.parent.mkdir(parents=True, exist_ok=True)
         kw["engine_kwargs"] = {"connect_args": {"timeout": 60}}
     try:
-        st = optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kw)
+        st = _rdb_storage(optuna, url, kw)
         if url.startswith("sqlite:///") and ":memory:" not in url:
             _fast_sqlite(st.engine)
         return st
     except Exception as e:   # sqlalchemy DatabaseError, ArgumentError, version mismatch, ...
         raise DfplanError(f"cannot open the study storage {redact_url(url)}: {_first_line(e)}; if it is a "
                           f"corrupt study.db, delete it (the search starts over) or pass another --storage") from None
+
+
+def _rdb_storage(optuna, url: str, kw: dict, attempts: int = 6):
+    """RDBStorage, retried when workers starting together on an empty database race to create
+    Optuna's tables (PostgreSQL answers the loser with a unique-key violation)."""
+    import random
+
+    import sqlalchemy.exc
+    for i in range(attempts):
+        try:
+            return optuna.storages.RDBStorage(url, heartbeat_interval=30, grace_period=120, **kw)
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError):
+            if i == attempts - 1:
+                raise
+            time.sleep(0.2 * (i + 1) + random.random() * 0.3)
 
 
 def _fast_sqlite(engine) -> None:
