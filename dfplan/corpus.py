@@ -127,8 +127,8 @@ def _resolve_one(spec: str, glob: str) -> list[Path]:
         found = sorted((p for p in path.rglob(glob) if p.is_file()),
                        key=lambda p: p.relative_to(path).as_posix())
         if not found:
-            raise DfplanError(f"corpus folder {path} has no files matching {glob!r}; "
-                              "pass --glob to match your files")
+            raise DfplanError(f"corpus folder {path} has no files matching {glob!r}; pass a pattern "
+                              f"that matches your files instead, e.g. --corpus '{path}/**/*.md'")
         return found
     if _has_magic(spec):
         found = sorted(Path(p) for p in globlib.glob(os.path.expanduser(spec), recursive=True)
@@ -149,5 +149,5 @@ def read_texts(files: Iterable[Path]) -> Iterable[tuple[Path, str]]:
             raise DfplanError(f"cannot read corpus file {path}: {e.strerror or e}") from None
         if b"\x00" in data[:8192]:
             raise DfplanError(f"corpus file {path} looks binary (NUL bytes); "
-                              "pass text files only (use --glob to filter a folder)")
+                              "pass text files only (a pattern such as --corpus 'DIR/**/*.txt' selects them)")
         yield path, data.decode("utf-8", errors="replace")
