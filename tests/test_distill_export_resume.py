@@ -1,6 +1,7 @@
 """A distillation interrupted during export is finished by a rerun, with or without --resume,
 and ends with the same student as a run that was never interrupted."""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -41,6 +42,14 @@ def _args(teacher, corpus, out, *extra):
     return ["distill", "--teacher", str(teacher), "--plan", "layout:dfssm", "--corpus", str(corpus),
             "--tokens", "1k", "--out", str(out), "--seq-len", "32", "--batch-size", "4",
             "--eval-windows", "4", "--checkpoint-every", "2", "--threads", "1", *extra]
+
+
+def test_packed_files_have_ordinary_modes(files):
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in files["ref"].iterdir():
+        if f.is_file():
+            assert f.stat().st_mode & 0o777 == 0o666 & ~umask, f.name
 
 
 def _same_student(a, b):

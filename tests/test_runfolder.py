@@ -11,8 +11,7 @@ import pytest
 from dfplan.cli import main
 from dfplan.errors import DfplanError
 from dfplan.project import load_project
-from dfplan.runfolder import (check_out_dir, check_same_model, claim_run, model_fingerprint, read_run,
-                              record_run)
+from dfplan.runfolder import check_out_dir, check_same_model, claim_run, model_fingerprint, read_run, record_run
 
 
 def _model(tmp_path, name, weights=b"w" * 1000):

@@ -18,9 +18,8 @@ from typing import Callable
 
 import click
 
-from ._types import THREADS
-
 from ..errors import DfplanError
+from ._types import THREADS
 
 
 @dataclass(frozen=True)

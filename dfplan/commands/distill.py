@@ -9,11 +9,10 @@ from pathlib import Path
 
 import click
 
-from ._types import SEED, THREADS
-
 from ..errors import DfplanError
 from ..runfolder import check_corpus, check_model_arg, check_out_dir, check_same_model
 from ..sizes import parse_count
+from ._types import SEED, THREADS
 
 
 def _info(msg: str) -> None:

@@ -5,11 +5,10 @@ import sys
 
 import click
 
-from ._types import SEED
-
 from ..project import default
 from ..runfolder import check_model_arg, claim_run, record_run
 from ..sizes import parse_bytes
+from ._types import SEED
 
 
 def _info(msg: str) -> None:

@@ -3,11 +3,10 @@ from __future__ import annotations
 
 import click
 
-from ._types import SEED, THREADS
-
 from ..errors import DfplanError
 from ..project import default
 from ..runfolder import check_corpus, check_model_arg, check_out_file, claim_if_run_folder, record_run
+from ._types import SEED, THREADS
 
 
 def _top_k(text: str) -> tuple[int, ...]:

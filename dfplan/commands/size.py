@@ -7,8 +7,8 @@ from pathlib import Path
 import click
 
 from ..errors import DfplanError
-from ..runfolder import check_model_arg
 from ..formats.layouts import describe_layouts, layout_names
+from ..runfolder import check_model_arg
 
 
 def choose_plan(cfg, model_arg: str, plan_path: str | None, layout: str | None):

@@ -5,10 +5,9 @@ import os
 
 import click
 
-from ._types import SEED, THREADS
-
 from ..errors import DfplanError
 from ..runfolder import check_corpus, check_out_dir, is_temp_leftover
+from ._types import SEED, THREADS
 
 # what a teacher run writes into its folder (anything else there belongs to someone else)
 _TEACHER_FILES = {"zoo.json", "checkpoint.pt", "config.json", "tokenizer.json", "model.safetensors",
