@@ -9,6 +9,7 @@ that need its output skip and the demo exit non-zero.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import json
 import time
@@ -31,6 +32,11 @@ class DemoConfig:
     seq_len: int = 128
     calib_windows: int = 16
     budget: str = "40%"                     # percent of the teacher's fp16 bytes, or bytes
+    # a second plan in dfssm/, searched among the DF-SSM formats only (1-bit scaffold + int8
+    # low-rank correction of any rank per projection): on the tiny teacher the unrestricted
+    # search prefers IntN at every budget, so this is where the format shows; the report sets
+    # the two plans side by side
+    dfssm_budget: str = "30%"
     distill_tokens: str = "100k"
     eval_windows: int = 32
     threads: int | None = None
@@ -116,48 +122,67 @@ def _sensitivity_result(c: DemoConfig) -> str:
     return f"{len(df)} rows"
 
 
-def _budget_bytes(c: DemoConfig) -> str:
-    if not c.budget.endswith("%"):
-        return c.budget
+def _budget_bytes(c: DemoConfig, budget: str | None = None) -> str:
+    budget = budget or c.budget
+    if not budget.endswith("%"):
+        return budget
     from ..loading import load_config
     from ..model import build_model
     fp16 = 2 * build_model(load_config(str(c.teacher)), device="meta").num_parameters()
-    return str(int(fp16 * float(c.budget[:-1]) / 100))
+    return str(int(fp16 * float(budget[:-1]) / 100))
 
 
-def _search(c: DemoConfig) -> None:
-    _cli(["search", "--model", str(c.teacher), "--budget", _budget_bytes(c), "--out", str(c.run),
-          "--sensitivity", str(c.run / "sensitivity.csv")], c.log("search"))
+def _dfssm_table(c: DemoConfig) -> Path:
+    """dfssm/sensitivity.csv: the run's table with every projection restricted to 1-bit scaffold
+    formats (bin, bin+rN); the embedding keeps its IntN rows (it cannot be binary)."""
+    import shutil
+
+    import pandas as pd
+
+    from ..fileio import atomic_path
+    df = pd.read_csv(c.run / "sensitivity.csv")
+    keep = df[df["kind"].isin(["embedding", "lm_head"]) | df["spec"].str.startswith("bin")]
+    out = c.run / "dfssm" / "sensitivity.csv"
+    with atomic_path(out) as tmp:
+        keep.to_csv(tmp, index=False)
+    shutil.copyfile(c.run / "sensitivity.json", out.with_suffix(".json"))   # provenance: same model
+    return out
 
 
-def _search_result(c: DemoConfig) -> str:
-    p = _read_json(c.run / "plan.json")
+def _search(c: DemoConfig, sub: str = "") -> None:
+    table = _dfssm_table(c) if sub else c.run / "sensitivity.csv"
+    _cli(["search", "--model", str(c.teacher), "--budget", _budget_bytes(c, c.dfssm_budget if sub else None),
+          "--out", str(c.run / sub), "--sensitivity", str(table)], c.log("search" + (f"-{sub}" if sub else "")))
+
+
+def _search_result(c: DemoConfig, sub: str = "") -> str:
+    p = _read_json(c.run / sub / "plan.json")
     return (f"{_fmt(p.get('predicted_bytes'), ',')} bytes (budget {_fmt(p.get('budget_bytes'), ',')}), "
             f"predicted KL {_fmt(p.get('predicted_kl'), '.4g')}")
 
 
-def _distill(c: DemoConfig) -> None:
-    _cli(["distill", "--teacher", str(c.teacher), "--plan", str(c.run / "plan.json"),
+def _distill(c: DemoConfig, sub: str = "") -> None:
+    _cli(["distill", "--teacher", str(c.teacher), "--plan", str(c.run / sub / "plan.json"),
           *_corpus_args(c.corpus), "--tokens", c.distill_tokens, "--seq-len", str(c.seq_len),
-          "--out", str(c.run / "student"), "--resume"]
-         + (["--threads", str(c.threads)] if c.threads else []), c.log("distill"))
+          "--out", str(c.run / sub / "student"), "--resume"]
+         + (["--threads", str(c.threads)] if c.threads else []), c.log("distill" + (f"-{sub}" if sub else "")))
 
 
-def _distill_result(c: DemoConfig) -> str:
-    m = _read_json(c.run / "student" / "manifest.json")
-    e = _read_json(c.run / "student" / "eval.json")
+def _distill_result(c: DemoConfig, sub: str = "") -> str:
+    m = _read_json(c.run / sub / "student" / "manifest.json")
+    e = _read_json(c.run / sub / "student" / "eval.json")
     return (f"packed payload {_fmt(m.get('payload_bytes'), ',')} bytes; valid ppl student "
             f"{_fmt(e.get('student', {}).get('ppl'))} vs teacher {_fmt(e.get('teacher', {}).get('ppl'))}")
 
 
-def _eval(c: DemoConfig) -> None:
-    _cli(["eval", "--model", str(c.run / "student"), "--teacher", str(c.teacher),
+def _eval(c: DemoConfig, sub: str = "") -> None:
+    _cli(["eval", "--model", str(c.run / sub / "student"), "--teacher", str(c.teacher),
           *_corpus_args(c.heldout), "--seq-len", str(c.seq_len), "--windows", str(c.eval_windows),
-          "--out", str(c.run / "eval.json")], c.log("eval"))
+          "--out", str(c.run / sub / "eval.json")], c.log("eval" + (f"-{sub}" if sub else "")))
 
 
-def _eval_result(c: DemoConfig) -> str:
-    e = _read_json(c.run / "eval.json")
+def _eval_result(c: DemoConfig, sub: str = "") -> str:
+    e = _read_json(c.run / sub / "eval.json")
     return (f"held-out ppl student {_fmt(e.get('ppl'))} vs teacher {_fmt(e.get('teacher_ppl'))}, "
             f"KL {_fmt(e.get('kl_to_teacher'), '.4f')}")
 
@@ -169,6 +194,12 @@ STAGES: tuple[Stage, ...] = (
     Stage("search", "plan.json", "search", ("sensitivity.csv",), _search, _search_result),
     Stage("distill", "student/manifest.json", "distill", ("plan.json",), _distill, _distill_result),
     Stage("eval", "eval.json", "eval", ("student/manifest.json",), _eval, _eval_result),
+    Stage("search-dfssm", "dfssm/plan.json", "search", ("sensitivity.csv",),
+          functools.partial(_search, sub="dfssm"), functools.partial(_search_result, sub="dfssm")),
+    Stage("distill-dfssm", "dfssm/student/manifest.json", "distill", ("dfssm/plan.json",),
+          functools.partial(_distill, sub="dfssm"), functools.partial(_distill_result, sub="dfssm")),
+    Stage("eval-dfssm", "dfssm/eval.json", "eval", ("dfssm/student/manifest.json",),
+          functools.partial(_eval, sub="dfssm"), functools.partial(_eval_result, sub="dfssm")),
 )
 
 
@@ -218,18 +249,25 @@ def run_demo(c: DemoConfig, stages: tuple[Stage, ...] | None = None) -> list[dic
 @click.option("--seq-len", default=128, show_default=True, type=click.IntRange(min=8))
 @click.option("--budget", default="40%", show_default=True,
               help="Memory budget: percent of the teacher's fp16 size, or bytes (300kB, 1MB).")
+@click.option("--dfssm-budget", default="30%", show_default=True,
+              help="Budget of the second plan (dfssm/): DF-SSM formats only, 1-bit scaffold + int8 corrections.")
 @click.option("--distill-tokens", default="100k", show_default=True)
 @click.option("--threads", default=None, type=THREADS, help="torch CPU threads.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted demo (what a rerun always does: "
               "finished stages are kept, an interrupted one continues).")
 @click.option("--force", is_flag=True, help="Use a non-empty --out that is not a dfplan run folder.")
-def command(out, corpus, heldout, teacher_steps, seq_len, budget, distill_tokens, threads, resume, force):
+def command(out, corpus, heldout, teacher_steps, seq_len, budget, dfssm_budget, distill_tokens, threads, resume,
+            force):
     _check_options(out, budget, distill_tokens, force)     # before torch: fails in a fraction of a second
+    try:
+        _check_options(out, dfssm_budget, distill_tokens, force)
+    except DfplanError as e:
+        raise DfplanError(str(e).replace("--budget", "--dfssm-budget")) from None
     click.echo(f"demo: run folder {out}; stages {' -> '.join(s.name for s in STAGES)} "
                "(finished stages are skipped)", err=True)
     from tabulate import tabulate
     c = DemoConfig(out=out, corpus=tuple(corpus), heldout=tuple(heldout), teacher_steps=teacher_steps,
-                   seq_len=seq_len, budget=budget, distill_tokens=distill_tokens, threads=threads)
+                   seq_len=seq_len, budget=budget, dfssm_budget=dfssm_budget, distill_tokens=distill_tokens, threads=threads)
     t0 = time.perf_counter()
     try:
         rows = run_demo(c)
@@ -240,6 +278,8 @@ def command(out, corpus, heldout, teacher_steps, seq_len, budget, distill_tokens
     _write_project(c)
     click.echo(tabulate(rows, headers="keys"))
     click.echo(f"demo: {time.perf_counter() - t0:.0f}s, outputs in {c.run}")
+    from ..reports import render_report     # the run as a reader sees it: every stage's artifacts
+    click.echo(f"report: {render_report(c.run).path}")
     failed = [r["stage"] for r in rows if r["status"].startswith("failed")]
     if failed:
         raise DfplanError(f"demo stage(s) failed: {', '.join(failed)}; see the messages above")
