@@ -10,7 +10,6 @@ import math
 import os
 import platform
 import statistics
-import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Callable
 import torch
 
 from dfplan.fileio import write_json_atomic
+from dfplan.provenance import git_state, library_versions
 
 
 @dataclass(frozen=True)
@@ -62,33 +62,6 @@ def timeit(fn: Callable[[], object], *, warmup: int = 3, min_samples: int = 10,
     samples.sort()
     q = lambda f: samples[min(len(samples) - 1, int(f * len(samples)))]  # noqa: E731
     return Timing(statistics.median(samples), q(0.1), q(0.9), len(samples), calls_per_sample)
-
-
-def git_commit(repo: str | Path | None = None) -> dict:
-    repo = str(repo or Path(__file__).resolve().parents[1])
-    try:
-        head = subprocess.run(["git", "-C", repo, "rev-parse", "HEAD"], capture_output=True,
-                              text=True, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "-C", repo, "status", "--porcelain", "-uno"],
-                                    capture_output=True, text=True, timeout=10).stdout.strip())
-    except (OSError, subprocess.SubprocessError):
-        return {"commit": None, "dirty": None}
-    return {"commit": head or None, "dirty": dirty}
-
-
-def versions() -> dict:
-    out = {"python": platform.python_version(), "torch": torch.__version__}
-    for mod in ("numpy", "triton"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception:  # optional
-            out[mod] = None
-    try:
-        from importlib.metadata import version
-        out["dfplan"] = version("dfplan")
-    except Exception:
-        out["dfplan"] = None
-    return out
 
 
 def cpu_info() -> dict:
@@ -138,7 +111,7 @@ def gpu_info() -> dict | None:
 
 def metadata() -> dict:
     return {"time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "git": git_commit(), "versions": versions(), "cpu": cpu_info(), "gpu": gpu_info(),
+            "git": git_state(), "versions": library_versions("triton"), "cpu": cpu_info(), "gpu": gpu_info(),
             "host": platform.node()}
 
 
@@ -153,9 +126,9 @@ def memory_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, budget_s: flo
     n = nbytes // 4
     a = torch.ones(n, dtype=torch.float32, device=device)
     b = torch.empty_like(a)
-    t_read = timeit(lambda: a.sum(), warmup=2, min_samples=10, max_samples=100,
+    t_read = timeit(lambda src=a: src.sum(), warmup=2, min_samples=10, max_samples=100,
                     budget_s=budget_s, device=device)
-    t_copy = timeit(lambda: b.copy_(a), warmup=2, min_samples=10, max_samples=100,
+    t_copy = timeit(lambda dst=b, src=a: dst.copy_(src), warmup=2, min_samples=10, max_samples=100,
                     budget_s=budget_s, device=device)
     del a, b
     return {"buffer_bytes": nbytes, "read_gbs": nbytes / t_read.p10_s / 1e9,

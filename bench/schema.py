@@ -22,8 +22,9 @@ import torch
 
 from dfplan.errors import DfplanError
 from dfplan.fileio import write_text_atomic
+from dfplan.provenance import git_state, library_versions
 
-from .common import cpu_info, git_commit, versions
+from .common import cpu_info
 
 SCHEMA = "dfplan-bench-result"
 SCHEMA_VERSION = 1
@@ -108,14 +109,7 @@ def machine_key(m: dict) -> dict:
 
 
 def lib_versions() -> dict:
-    v = versions()
-    from importlib.metadata import PackageNotFoundError, version
-    for pkg in ("transformers", "llama_cpp_python", "mamba_ssm", "scipy", "safetensors"):
-        try:
-            v[pkg] = version(pkg.replace("_", "-"))
-        except PackageNotFoundError:
-            v[pkg] = None
-    return v
+    return library_versions("triton", "transformers", "llama_cpp_python", "mamba_ssm", "scipy", "safetensors")
 
 
 # files ----------------------------------------------------------------------------------------
@@ -125,7 +119,7 @@ def new_result(benchmark: str, params: dict) -> dict:
     return {"schema": SCHEMA, "schema_version": SCHEMA_VERSION, "benchmark": benchmark,
             "bench_version": BENCH_VERSIONS[benchmark],
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "git": git_commit(), "versions": lib_versions(), "machine": machine(),
+            "git": git_state(), "versions": lib_versions(), "machine": machine(),
             "params": params, "variants": {}, "load": {"start": _loadavg(), "max_1m": _loadavg()[0]}}
 
 
