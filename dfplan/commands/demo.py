@@ -278,7 +278,8 @@ def command(out, corpus, heldout, teacher_steps, seq_len, budget, dfssm_budget, 
     _write_project(c)
     click.echo(tabulate(rows, headers="keys"))
     click.echo(f"demo: {time.perf_counter() - t0:.0f}s, outputs in {c.run}")
-    from ..reports import render_report     # the run as a reader sees it: every stage's artifacts
+    # the run as a reader sees it: every stage's artifacts
+    from ..reports import render_report
     click.echo(f"report: {render_report(c.run).path}")
     failed = [r["stage"] for r in rows if r["status"].startswith("failed")]
     if failed:
