@@ -176,6 +176,58 @@ void narrow_f16(const float* src, uint16_t* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]).x;
 }
 
+// One head-row with the state stored in 16 bits, converted in registers (no extra pass):
+// s[n] = round16(s[n] * dA + dtx * B[n]); returns sum_n (fp32 update) * C[n], as the reference.
+__attribute__((target("avx2,fma"))) inline __m256i round_bf16_avx2(__m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  return _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), lsb)), 16);
+}
+__attribute__((target("avx2,fma"))) float ssm_row_bf16_avx2(uint16_t* s, const float* B, const float* C,
+                                                            float dA, float dtx, int64_t N) {
+  const __m256 vdA = _mm256_set1_ps(dA), vdtx = _mm256_set1_ps(dtx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) {
+    const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + n));
+    const __m256 old = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
+    const __m256 v = _mm256_fmadd_ps(old, vdA, _mm256_mul_ps(vdtx, _mm256_loadu_ps(B + n)));
+    acc = _mm256_fmadd_ps(v, _mm256_loadu_ps(C + n), acc);
+    const __m256i r = round_bf16_avx2(v);
+    const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(s + n), packed);
+  }
+  float y = hsum_avx2(acc);
+  for (; n < N; ++n) {
+    float old;
+    const uint32_t u = uint32_t(s[n]) << 16;
+    std::memcpy(&old, &u, 4);
+    const float v = old * dA + dtx * B[n];
+    narrow_bf16(&v, s + n, 1);
+    y += v * C[n];
+  }
+  return y;
+}
+__attribute__((target("avx2,fma,f16c"))) float ssm_row_f16_avx2(uint16_t* s, const float* B, const float* C,
+                                                                float dA, float dtx, int64_t N) {
+  const __m256 vdA = _mm256_set1_ps(dA), vdtx = _mm256_set1_ps(dtx);
+  __m256 acc = _mm256_setzero_ps();
+  int64_t n = 0;
+  for (; n + 8 <= N; n += 8) {
+    const __m256 old = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s + n)));
+    const __m256 v = _mm256_fmadd_ps(old, vdA, _mm256_mul_ps(vdtx, _mm256_loadu_ps(B + n)));
+    acc = _mm256_fmadd_ps(v, _mm256_loadu_ps(C + n), acc);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(s + n), _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  }
+  float y = hsum_avx2(acc);
+  for (; n < N; ++n) {
+    const float v = float(c10::Half(s[n], c10::Half::from_bits())) * dA + dtx * B[n];
+    s[n] = c10::Half(v).x;
+    y += v * C[n];
+  }
+  return y;
+}
+
 bool has_f16c() {
   __builtin_cpu_init();
   return __builtin_cpu_supports("f16c");
@@ -264,13 +316,24 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
       const float dA = std::exp(dt * -std::exp(alog[h]));
       float* st = low ? wide.data() : ss + j * P * N;
       uint16_t* st16 = low ? ss16 + j * P * N : nullptr;
+      float* yo = yp + b * d_inner + h * P;
+      const bool fused16 = low && use_avx2 && (st_type == at::kBFloat16 || f16c);
+      if (fused16) {  // 16-bit state converted in registers
+        for (int64_t p = 0; p < P; ++p) {
+          const float dtx = dt * x[p];
+          const float v = st_type == at::kBFloat16
+                              ? ssm_row_bf16_avx2(st16 + p * N, Bv, Cv, dA, dtx, N)
+                              : ssm_row_f16_avx2(st16 + p * N, Bv, Cv, dA, dtx, N);
+          yo[p] = v + x[p] * (d_per_channel ? dp[h * P + p] : dp[h]);
+        }
+        continue;
+      }
       if (low) {
         if (st_type == at::kBFloat16)
           use_avx2 ? widen_bf16_avx2(st16, st, P * N) : widen_bf16(st16, st, P * N);
         else
           f16c ? widen_f16_avx2(st16, st, P * N) : widen_f16(st16, st, P * N);
       }
-      float* yo = yp + b * d_inner + h * P;
       for (int64_t p = 0; p < P; ++p) {
         const float dtx = dt * x[p];
         const float v = use_avx2 ? ssm_row_avx2(st + p * N, Bv, Cv, dA, dtx, N)
