@@ -176,7 +176,7 @@ class Model:
              stream_emit, track_text: bool = False) -> tuple[DecodeResult, TextTracker | None]:
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens <= 0:
             raise DfplanError(f"max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-        sampling = Sampling(float(temperature), int(top_k), float(top_p))
+        sampling = Sampling(float(temperature), top_k, float(top_p))
         stops = _stops(stop)
         if not rows:
             raise DfplanError("no prompts given")
