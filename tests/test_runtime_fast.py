@@ -7,7 +7,7 @@ from dfplan.config import Mamba2Config
 from dfplan.formats.modules import IntNEmbedding, IntNLinear
 from dfplan.formats.specs import IntN
 from dfplan.kernels import fbgemm
-from dfplan.model import build_model
+from dfplan.model import InferenceCache, build_model
 from dfplan.runtime.statekl import state_dtype_kl
 
 G = torch.Generator().manual_seed(0)
@@ -139,3 +139,39 @@ def test_profile_breakdown_sums_to_the_step(tmp_path):
     assert b["ssm_state_rw"] == 2 * 2 * cfg.nheads * cfg.headdim * cfg.d_state * 4
     assert step_bytes(m, torch.bfloat16)["ssm_state_rw"] == b["ssm_state_rw"] // 2
     assert not hasattr(m, "embed") or "embed" not in vars(m)          # wrappers removed
+
+
+@pytest.mark.parametrize("layout", [None, "dfssm", "bimamba", "int4"])
+@pytest.mark.parametrize("state", [torch.float32, torch.bfloat16])
+def test_lean_step_equals_model_step(layout, state):
+    import dfplan
+    from dfplan.runtime.decode import prefill
+    from dfplan.runtime.leanstep import LeanStep, lean_ok
+    cfg = Mamba2Config.preset("tiny").replace(chunk_size=16, d_model=64, n_layer=3, headdim=16,
+                                              d_state=16, vocab_size=256)
+    m = build_model(cfg, seed=3).eval()
+    if layout:
+        dfplan.compress(m, f"layout:{layout}")
+    if not lean_ok(m):
+        pytest.skip("CPU kernels not available")
+    ids = torch.randint(0, 256, (2, 11), generator=G)
+    c1, c2 = m.new_cache(2, state_dtype=state), m.new_cache(2, state_dtype=state)
+    with torch.no_grad():
+        for i in range(2):
+            prefill(m, ids[i:i + 1], InferenceCache(0, [{k: v[i:i + 1] for k, v in lc.items()} for lc in c1.layers]))
+            prefill(m, ids[i:i + 1], InferenceCache(0, [{k: v[i:i + 1] for k, v in lc.items()} for lc in c2.layers]))
+        lean = LeanStep(m, c2)
+        tok = ids[:, -1]
+        for _ in range(6):
+            a, b = m.step(tok, c1), lean(tok, c2)
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+            tok = a.argmax(-1)
+    for la, lb in zip(c1.layers, c2.layers):
+        torch.testing.assert_close(lb["ssm"].float(), la["ssm"].float(), rtol=1e-5, atol=1e-5)
+
+
+def test_lean_step_not_used_for_hybrids():
+    from dfplan.runtime.leanstep import lean_ok
+    cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=300, d_state=16, headdim=16, chunk_size=16,
+                       attn_layer_idx=(1,), attn_cfg={"num_heads": 4, "num_heads_kv": 2}, name="h")
+    assert not lean_ok(build_model(cfg, seed=0))

@@ -30,6 +30,7 @@ from ..tokenizer import check_vocab, load_tokenizer
 from ..tokenizer import eos_id as tokenizer_eos_id
 from .cudagraph import graph_step_factory
 from .decode import DecodeResult, DecodeStats, decode, state_dtype_of
+from .leanstep import lean_step_factory
 from .sampling import Sampling
 from .textgen import TextTracker, encode_prompts, stream_in_thread
 
@@ -51,6 +52,7 @@ class Model:
         self.source = source
         self.state_dtype = state_dtype_of(state_dtype)
         self.cuda_graph = cuda_graph
+        self.lean_step = True       # CPU: LeanStep (runtime/leanstep.py) where it applies
         self.prefill_chunk = int(prefill_chunk)
         self.last_stats: DecodeStats | None = None
         self.prepare()
@@ -107,9 +109,9 @@ class Model:
         return self.tokenizer
 
     def _step_fn(self):
-        if not self.cuda_graph or self.device.type != "cuda":
-            return None
-        return graph_step_factory
+        if self.device.type == "cuda":
+            return graph_step_factory if self.cuda_graph else None
+        return lean_step_factory if self.lean_step else None
 
     # -- generation ------------------------------------------------------------------------
     def generate(self, input_ids, max_new_tokens: int = 32, *, temperature: float = 0.0,
