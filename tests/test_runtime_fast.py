@@ -124,14 +124,16 @@ def test_cpu_step_low_precision_state_equals_reference(state_dtype):
         assert (ss.float() != ss2.float()).float().mean() < 0.01
 
 
-def test_profile_breakdown_sums_to_the_step(tmp_path):
+@pytest.mark.parametrize("lean", [True, False])
+def test_profile_breakdown_sums_to_the_step(tmp_path, lean):
     import dfplan
     from dfplan.runtime.profile import profile_decode, step_bytes
     cfg = Mamba2Config.preset("tiny").replace(chunk_size=16, d_model=64, n_layer=2, headdim=16,
                                               d_state=16, vocab_size=256)
     m = build_model(cfg, seed=0).eval()
     dfplan.compress(m, "layout:dfssm")
-    r = profile_decode(m, prompt_len=10, new_tokens=8)
+    r = profile_decode(m, prompt_len=10, new_tokens=8, lean=lean)
+    assert r["step"] == ("lean" if lean else "model.step")
     assert abs(sum(r["breakdown_ms"].values()) - r["ms_per_token"]) < 1e-6 * max(1.0, r["ms_per_token"])
     assert {"in_proj", "out_proj", "fused SSM step"} <= set(r["breakdown_ms"])
     b = step_bytes(m)

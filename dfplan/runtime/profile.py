@@ -18,6 +18,7 @@ from ..formats.modules import CompressedModule
 from .api import load
 from .decode import prefill, state_dtype_of
 from .generate import peak_rss_bytes
+from .leanstep import LeanStep, lean_ok
 
 
 def step_bytes(model, state_dtype=torch.float32) -> dict:
@@ -58,8 +59,9 @@ class _Timer:
 
 @torch.no_grad()
 def profile_decode(model, prompt_len: int = 100, new_tokens: int = 128, seed: int = 0,
-                   state_dtype=torch.float32) -> dict:
-    """Greedy batch-1 decode of new_tokens after a random prompt, timed per component."""
+                   state_dtype=torch.float32, lean: bool = True) -> dict:
+    """Greedy batch-1 decode of new_tokens after a random prompt, timed per component.
+    lean: profile the LeanStep the decode loop uses on CPU (where it applies), else model.step."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=g)
     cache = model.new_cache(1, state_dtype=state_dtype)
@@ -76,7 +78,14 @@ def profile_decode(model, prompt_len: int = 100, new_tokens: int = 128, seed: in
 
     patch(model, "embed", "embedding")
     patch(model, "head", "head (norm_f + lm_head)")
-    for blk in model.backbone.layers:
+    step, use_lean = model.step, lean and lean_ok(model)
+    if use_lean:
+        ls = LeanStep(model, cache)
+        ls.step_kernel = tm.wrap("ssm", ls.step_kernel)
+        ls.layers = [(nw, eps, tm.wrap("in_proj", fi), tm.wrap("out_proj", fo), c, sm, a)
+                     for nw, eps, fi, fo, c, sm, a in ls.layers]
+        step = ls
+    for blk in (() if use_lean else model.backbone.layers):
         mix = blk.mixer
         if blk.is_attention:
             patch(mix, "step", "attention")
@@ -89,21 +98,23 @@ def profile_decode(model, prompt_len: int = 100, new_tokens: int = 128, seed: in
     try:
         t0 = time.perf_counter()
         for _ in range(new_tokens):
-            nxt = model.step(nxt, cache).argmax(-1)
+            nxt = step(nxt, cache).argmax(-1)
         total = time.perf_counter() - t0
     finally:
         for obj, attr in patched:
             delattr(obj, attr)                             # back to the class method
     t = dict(tm.t)
     lin = t.get("in_proj", 0.0) + t.get("out_proj", 0.0)
+    ssm = t["ssm"] if "ssm" in t else t.get("mixer step", 0.0) - lin
     parts = {"in_proj": t.get("in_proj", 0.0), "out_proj": t.get("out_proj", 0.0),
-             "fused SSM step": t.get("mixer step", 0.0) - lin,
+             "fused SSM step": ssm,
              "attention": t.get("attention", 0.0), "mlp": t.get("mlp", 0.0),
              "embedding": t.get("embedding", 0.0), "head (norm_f + lm_head)": t.get("head (norm_f + lm_head)", 0.0)}
     parts = {k: v for k, v in parts.items() if v > 0}
     parts["other (norms, residuals, argmax, Python)"] = max(0.0, total - sum(parts.values()))
     per_tok = total / new_tokens
     return {"tokens": new_tokens, "ms_per_token": 1000 * per_tok, "tok_s": 1 / per_tok,
+            "step": "lean" if use_lean else "model.step",
             "threads": torch.get_num_threads(),
             "breakdown_ms": {k: 1000 * v / new_tokens for k, v in parts.items()},
             "breakdown_share": {k: v / total for k, v in parts.items()},
