@@ -1,7 +1,7 @@
 """`dfplan bench e2e`: prefill latency, decode ms/token and tok/s, peak memory and model bytes.
 
 Every variant (variants.py) is loaded once, in its own worker process by default, so its peak
-RSS (getrusage's max RSS minus the worker's RSS before loading anything) and peak GPU memory
+RSS (VmHWM minus the worker's RSS once its libraries are imported) and peak GPU memory
 (max allocated) are its own. Samples are interleaved: round after round, each (variant, batch)
 case takes one sample, in an order rotated every round, so all variants share whatever the
 machine is doing. A sample is one P-token prefill plus G greedy decode steps. Warm-up rounds
@@ -82,6 +82,14 @@ def _rss_now() -> int:
 
 
 def _peak_rss() -> int:
+    """Peak RSS of this process's own address space. VmHWM, not getrusage's ru_maxrss: Linux
+    carries ru_maxrss over fork + exec, so a spawned worker would report its parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
 
 

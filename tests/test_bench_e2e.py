@@ -230,3 +230,18 @@ def test_isolated_workers_measure_peak_memory_per_variant(tiny_dir, tmp_path):
         assert v["status"] == "ok", v
         assert v["peak_rss_bytes"] >= v["base_rss_bytes"] > 0
         assert v["peak_rss_bytes"] - v["base_rss_bytes"] == v["peak_rss_over_base_bytes"]
+
+
+@pytest.mark.slow
+def test_worker_peak_rss_is_not_the_parents():
+    # Linux keeps getrusage's ru_maxrss across fork + exec: a worker spawned after the parent
+    # peaked would report the parent's peak. The worker's own peak must stay far below it.
+    import multiprocessing as mp
+
+    from dfplan.bench.e2e import _peak_rss
+    big = b"\x01" * (1 << 30)                      # the parent touches 1 GiB
+    parent = _peak_rss()
+    with mp.get_context("spawn").Pool(1) as pool:
+        child = pool.apply(_peak_rss)
+    del big
+    assert parent > 1 << 30 and child < parent - (512 << 20)
