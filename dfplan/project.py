@@ -6,12 +6,13 @@
     run = "runs/demo"                    # the run folder: search's --out
 
 Written by `dfplan init --model M --corpus C` and by `dfplan demo`; options on the command
-line always win. Read with tomllib; written by the few lines below (four keys, strings and
+line always win. DFPLAN_PROJECT names another file ('none' disables it; the tests do). Read with tomllib; written by the few lines below (four keys, strings and
 lists of strings), so no TOML writer is needed.
 """
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from .errors import DfplanError
@@ -22,14 +23,18 @@ KEYS = ("model", "corpus", "sensitivity", "run")
 HOW = "run `dfplan init --model M --corpus C` (or `dfplan demo`) to write a dfplan.toml here"
 
 
-def project_path(cwd=None) -> Path:
+def project_path(cwd=None) -> Path | None:
+    """./dfplan.toml, or $DFPLAN_PROJECT; None when that is 'none' or empty (the tests set it)."""
+    env = os.environ.get("DFPLAN_PROJECT")
+    if env is not None and cwd is None:
+        return Path(env) if env.strip() and env != "none" else None
     return Path(cwd or ".") / PROJECT
 
 
 def load_project(cwd=None) -> dict:
     """The project's defaults ({} without a dfplan.toml); a malformed file is a user error."""
     path = project_path(cwd)
-    if not path.is_file():
+    if path is None or not path.is_file():
         return {}
     try:
         import tomllib
@@ -72,6 +77,8 @@ def render_project(values: dict) -> str:
 
 def write_project(values: dict, cwd=None, overwrite: bool = False) -> Path:
     path = project_path(cwd)
+    if path is None:
+        raise DfplanError("DFPLAN_PROJECT is 'none': no project file to write")
     if path.exists() and not overwrite:
         raise DfplanError(f"{path} exists; pass --force to replace it")
     write_text_atomic(path, render_project(values))
@@ -87,6 +94,7 @@ def default(value, key: str, flag: str, command: str, required: bool = True):
         return tuple(proj[key]) if key == "corpus" else proj[key]
     if not required:
         return value
-    if project_path().is_file():
-        raise DfplanError(f"dfplan {command} needs {flag} (or `{key} = ...` in {PROJECT})")
+    path = project_path()
+    if path is not None and path.is_file():
+        raise DfplanError(f"dfplan {command} needs {flag} (or `{key} = ...` in {path})")
     raise DfplanError(f"dfplan {command} needs {flag}: pass it, or {HOW}")

@@ -125,7 +125,10 @@ def check_corpus(specs, flag: str = "--corpus") -> None:
             continue
         if any(c in s for c in "*?[") and globlib.glob(os.path.expanduser(s), recursive=True):
             continue
-        raise DfplanError(f"{flag} {s!r} matches no file or folder (nor is it 'builtin')")
+        if any(c in s for c in "*?["):
+            raise DfplanError(f"corpus pattern {s!r} matches no files")
+        raise DfplanError(f"corpus path {s} does not exist; pass an existing file or folder, "
+                          "or 'builtin' for the built-in corpus")
 
 
 # -- model identity -------------------------------------------------------------------------------

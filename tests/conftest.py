@@ -6,6 +6,8 @@ import torch
 # Tests never reach the network; transformers' hub-kernel lookups stay local.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# a dfplan.toml in the working directory (left by `dfplan demo`) must not change what tests run
+os.environ["DFPLAN_PROJECT"] = "none"
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 

@@ -83,8 +83,11 @@ def test_zoo_train_and_list(tmp_path, capsys, text_file):
     rc, stdout, _ = run(["zoo", "list", "--dir", str(tmp_path / "runs")], capsys)
     assert rc == 0
     assert "tiny" in stdout and "small" in stdout and str(out) in stdout
+    (tmp_path / "empty").mkdir()
     rc, stdout, _ = run(["zoo", "list", "--dir", str(tmp_path / "empty")], capsys)
     assert rc == 0 and "no trained teachers" in stdout
+    rc, _, err = run(["zoo", "list", "--dir", str(tmp_path / "typo")], capsys)      # a folder that is not there
+    assert rc == 2 and err.startswith("error: ")
 
 
 def test_demo_stage_runner(tmp_path):
@@ -127,6 +130,7 @@ def test_demo_command_teacher_stage(tmp_path, capsys, monkeypatch, text_file):
     # only the teacher stage: the later stages have their own tests and take minutes
     monkeypatch.setattr(demo, "STAGES", demo.STAGES[:1])
     monkeypatch.chdir(tmp_path)             # the demo writes ./dfplan.toml
+    monkeypatch.delenv("DFPLAN_PROJECT")
     argv = ["demo", "--out", str(tmp_path / "demo"), "--corpus", str(text_file), "--teacher-steps", "2",
             "--seq-len", "16", "--threads", "1"]
     rc, out, err = run(argv, capsys)

@@ -112,6 +112,7 @@ def test_bad_input_fails_before_torch_is_imported(tmp_path):
 
 def test_project_file_gives_search_its_defaults(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DFPLAN_PROJECT")
     assert main(["search", "--budget", "300MB"]) == 2
     assert "dfplan init" in _one_error(capsys)
     assert main(["init", "--model", "preset:tiny", "--corpus", "builtin", "--run", "runs/r1"]) == 0

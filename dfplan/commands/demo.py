@@ -306,7 +306,8 @@ def _write_project(c: DemoConfig) -> None:
     """./dfplan.toml pointing at the demo's run (never over an existing one), so the next
     `dfplan search --budget 300kB` works as written."""
     from ..project import project_path, write_project
-    if project_path().exists() or not (c.teacher / "zoo.json").exists():
+    path = project_path()
+    if path is None or path.exists() or not (c.teacher / "zoo.json").exists():
         return
     try:
         path = write_project({"model": str(c.teacher), "corpus": list(c.corpus), "run": str(c.run),

@@ -58,10 +58,11 @@ def command(model_arg, budget, out, sensitivity, solver, trials, objective, stor
             heldout_windows, seq_len, validate, random_init, prior, front_points, seed, time_limit, force):
     # everything a user can get wrong is checked here, before torch or a model is loaded
     model_arg = default(model_arg, "model", "--model", "search")
+    out_given = out is not None
     out = default(out, "run", "--out", "search")
     if objective == "measured" or validate:
         corpus = default(corpus, "corpus", "--corpus", "search", required=False)
-    if not (random_init or prior):
+    if not (random_init or prior or out_given):      # an explicit --out keeps OUT/sensitivity.csv
         sensitivity = default(sensitivity, "sensitivity", "--sensitivity", "search", required=False)
     check_model_arg(model_arg)
     parse_bytes(budget)

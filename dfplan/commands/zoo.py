@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 import click
 
@@ -50,8 +51,8 @@ def train(preset, corpus, glob_, out, tokenizer, steps, seq_len, batch_size, lr,
     if foreign and not force:
         raise DfplanError(f"--out {out} is not empty and holds no teacher run (it holds {foreign[0]}); "
                           "choose an empty folder or pass --force")
-    # at once: loading torch and training the tokenizer take a while before the first step
-    _info(f"zoo: training the {preset} teacher into {out} (tokenizer first, then the steps)")
+    if sys.stderr.isatty():    # at once: torch and the tokenizer take seconds
+        _info(f"zoo: training the {preset} teacher into {out} (tokenizer first, then the steps)")
     from ..zoo import TrainConfig, train_teacher
     tc = TrainConfig(out=out, preset=preset, corpus=tuple(corpus), glob=glob_, tokenizer=tokenizer,
                      steps=steps, seq_len=seq_len, batch_size=batch_size, lr=lr, warmup=warmup,
