@@ -230,7 +230,7 @@ def run_e2e(cfg: E2EConfig, log=print) -> dict:
     out = res["variants"]
     runnable = []
     for v in chosen:
-        why = unavailable(v, cfg.device)
+        why = unavailable(v, cfg.device, mcfg)
         if why:
             out[v.name] = {"status": "skipped", "reason": why, "description": v.description}
             log(f"skip {v.name}: {why}")

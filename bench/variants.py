@@ -91,8 +91,11 @@ def _has(mod: str) -> bool:
         return False
 
 
-def unavailable(v: Variant, device: str) -> str | None:
+def unavailable(v: Variant, device: str, cfg: Mamba2Config | None = None) -> str | None:
     """Why `v` cannot run here (None when it can). Cheap: no model is loaded."""
+    if v.option.endswith("-all") and cfg is not None and cfg.d_model % 256:
+        # llama.cpp's ternary blocks are 256 wide; forcing them on the embedding has no fallback
+        return f"{v.option.removesuffix('-all').upper()} on every tensor needs d_model % 256 == 0 (d_model={cfg.d_model})"
     if device not in v.devices:
         return f"runs on {' / '.join(v.devices)} only (this run: {device})"
     if v.kind == "hf" and not _has("transformers"):
@@ -189,7 +192,7 @@ class Sources:
             self.log(f"converting to GGUF with {found.src / 'convert_hf_to_gguf.py'}")
             tmp = src.with_suffix(".tmp.gguf")
             _run([sys.executable, str(found.src / "convert_hf_to_gguf.py"), str(self.reference()),
-                  "--outtype", "f32", "--outfile", str(tmp)], "convert_hf_to_gguf.py")
+                  "--outtype", "f32", "--outfile", str(tmp)], "convert_hf_to_gguf.py", tmp)
             os.replace(tmp, src)
         out = self.cache / f"model-{qtype}.gguf"
         if not out.exists():
@@ -199,16 +202,18 @@ class Sources:
                 extra = ["--token-embedding-type", base, "--output-tensor-type", base]
             tmp = out.with_suffix(".tmp.gguf")
             self.log(f"llama-quantize {qtype}")
-            _run([str(found.quantize), *extra, str(src), str(tmp), base.upper()], "llama-quantize")
+            _run([str(found.quantize), *extra, str(src), str(tmp), base.upper()], "llama-quantize", tmp)
             os.replace(tmp, out)
         return out
 
 
-def _run(cmd: list[str], what: str) -> None:
+def _run(cmd: list[str], what: str, tmp: Path) -> None:
     r = subprocess.run(cmd, capture_output=True, text=True)
     if r.returncode != 0:
-        tail = (r.stderr or r.stdout).strip().splitlines()[-3:]
-        raise RuntimeError(f"{what} failed ({r.returncode}): {' | '.join(tail)}")
+        tmp.unlink(missing_ok=True)
+        lines = (r.stderr or r.stdout).strip().splitlines()
+        key = [ln for ln in lines if any(w in ln for w in ("GGML_ASSERT", "error", "Error"))]
+        raise RuntimeError(f"{what} failed ({r.returncode}): {' | '.join((key or lines)[-2:])}")
 
 
 def prepare(v: Variant, src: Sources, device: str, threads: int | None) -> Prepared:

@@ -216,6 +216,9 @@ def test_missing_peer_is_skipped_with_reason(tmp_path, monkeypatch):
     assert why and "make peers" in why
     assert "cpu" in unavailable(VARIANTS["mamba-ssm-nocg"], "cpu")
     assert unavailable(VARIANTS["dfplan-fp32"], "cpu") is None
+    from dfplan.config import Mamba2Config
+    why = unavailable(VARIANTS["llamacpp-tq1_0-all"], "cpu", Mamba2Config.preset("tiny"))
+    assert "256" in why and "d_model=128" in why
 
 
 @pytest.mark.slow
