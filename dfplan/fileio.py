@@ -23,9 +23,11 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     umask = os.umask(0)
     os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)   # mkstemp makes 0600; artifacts get ordinary file modes
     try:
         yield tmp
+        # mkstemp makes 0600, and writers that replace the file themselves (safetensors'
+        # save_file) do too: set ordinary file modes on what the body left, then rename
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     finally:
         if tmp.exists():
