@@ -142,7 +142,7 @@ class Mamba2Mixer(nn.Module):
         """u (b, d_model) one token -> (b, d_model); updates cache["conv"], cache["ssm"] in place.
 
         Runs the fused kernel chosen by dfplan.kernels (C++ on CPU, Triton on CUDA); its
-        plain-torch twin is dfplan.kernels.ref.mamba2_step_ref."""
+        plain-torch twin is dfplan.kernels.step_ref.mamba2_step_ref."""
         c = self.cfg
         y = mamba2_step(self.in_proj(u), cache["conv"], cache["ssm"], self.conv1d.weight,
                         self.conv1d.bias, self.dt_bias, self.A_log, self.D, self.norm.weight,
