@@ -31,8 +31,16 @@ def sensitivity(prov: dict | None, out: str) -> str:
 
 def search(plan: dict | None, out_dir: str, sensitivity_path: str) -> str:
     p = (plan or {}).get("provenance") or {}
-    if p.get("argv"):
-        return shell_join(["dfplan", "search", *p["argv"]])
+    argv = p.get("argv") or []
+    # argv is the process's command line: from `dfplan search` it is the search itself, but a
+    # search run inside `dfplan demo` records the demo's; rebuild the command then
+    if argv[:1] == ["search"] and "--budget" in argv:
+        return shell_join(["dfplan", *argv])
+    if "--budget" in argv and argv[:1] != ["demo"]:
+        return shell_join(["dfplan", "search", *argv])
+    table = (p.get("scores_provenance") or {}).get("table")
+    if table:
+        sensitivity_path = table
     if not p.get("model") or p.get("budget") is None:
         return ""
     argv = ["dfplan", "search", "--model", p["model"], "--budget", p["budget"]]

@@ -26,6 +26,38 @@ def chance(task: str):
     return CHANCE.get(t, CHANCE.get(t.split(",")[0]))
 
 
+SKIP_KEYS = ("source", "chance", "n_docs_in_file")
+PPL_KEYS = ("token_perplexity", "word_perplexity", "byte_perplexity", "bits_per_byte")
+
+
+def _dfplan_tasks(ev: dict) -> tuple[dict, dict]:
+    """`dfplan eval --tasks` output ({tasks, perplexity} for one model, or {model: ..., teacher: ...}
+    with --compare) -> ({label: {(task, metric): (value, stderr)}}, {task: chance})."""
+    pairs = ([("student", ev["model"]), ("teacher", ev["teacher"])]
+             if isinstance(ev.get("model"), dict) and isinstance(ev["model"].get("tasks"), dict)
+             and isinstance(ev.get("teacher"), dict) else [("evaluated model", ev)])
+    out, chances = {}, {}
+    for label, r in pairs:
+        vals = {}
+        for task, row in (r.get("tasks") or {}).items():
+            if not isinstance(row, dict):
+                continue
+            if is_num(row.get("chance")):
+                chances[task] = row["chance"]
+            for m, v in row.items():
+                if m in SKIP_KEYS or m.endswith("_stderr") or not is_num(v):
+                    continue
+                se = row.get(m + "_stderr")
+                vals[(task, m)] = (v, se if is_num(se) else None)
+        for task, p in (r.get("perplexity") or {}).items():
+            for m in PPL_KEYS:
+                if is_num((p or {}).get(m)):
+                    vals[(task, m)] = (p[m], None)
+        if vals:
+            out[label] = vals
+    return out, chances
+
+
 def task_results(ev: dict) -> dict[str, dict[str, tuple]]:
     """{model label: {(task, metric): (value, stderr)}} from lm-eval-style `results` blocks at the
     top level (the evaluated model) and under `teacher` / `compare` (the reference)."""
@@ -51,12 +83,12 @@ def task_results(ev: dict) -> dict[str, dict[str, tuple]]:
     return out
 
 
-def _tasks_table(per_model: dict) -> str:
+def _tasks_table(per_model: dict, chances: dict | None = None) -> str:
     labels = list(per_model)
     keys = sorted({k for v in per_model.values() for k in v})
     rows = []
     for task, metric in keys:
-        c = chance(task) if metric.startswith("acc") else None
+        c = (chances or {}).get(task, chance(task)) if metric.startswith("acc") else None
         r = [task, metric, "" if c is None else fixed(c, 3)]
         for lab in labels:
             v = per_model[lab].get((task, metric))
@@ -103,6 +135,15 @@ def render(ctx: Context) -> str:
         tasks = task_results(e)
         if tasks:
             out += ["", f"Zero-shot tasks ({rel}):", "", _tasks_table(tasks)]
+    for v in ctx.variants or [None]:
+        rel = v.rel("tasks.json") if v else "tasks.json"
+        t = ctx.run.json(rel, "zero-shot tasks and standard perplexity (dfplan eval --tasks)")
+        if t is None:
+            continue
+        any_data = True
+        per_model, chances = _dfplan_tasks(t)
+        out += ["", f"Zero-shot tasks and standard perplexity (`{rel}`; chance = a uniform guess over the "
+                    "choices):", "", _tasks_table(per_model, chances) if per_model else f"`{rel}` holds no task results."]
     if not any_data:
         return "\n".join(out)
     chance_rows = []

@@ -36,9 +36,27 @@ def _searched(ctx: Context, v) -> str:
         ctx.run.use(v.rel("sensitivity.json"), "provenance of the restricted table (copied from the run's)")
     lin = df[~df["kind"].isin(["embedding", "lm_head"])]
     head = df[df["kind"].isin(["embedding", "lm_head"])]
-    def names(d):
-        return ", ".join(sorted(d["spec"].unique(), key=lambda s: (not s.startswith("bin"), s))) or "none"
-    return f"projections: {names(lin)}; embedding: {names(head)} (`{rel}`)"
+    return f"projections: {_compact(lin['spec'])}; embedding: {_compact(head['spec'])} (`{rel}`)"
+
+
+def _compact(specs) -> str:
+    """bin, bin+r8, bin+r16, int2, int4 -> "bin, bin+r8..r16, int2..int4" (one family per group)."""
+    import re
+    fams: dict[str, list] = {}
+    for s in sorted(set(specs)):
+        m = re.fullmatch(r"(bin\+r|int)(\d+)", s)
+        fams.setdefault(m.group(1) if m else s, []).append(int(m.group(2)) if m else None)
+    parts = []
+    for fam, ns in fams.items():
+        ns = sorted(n for n in ns if n is not None)
+        if not ns:
+            parts.append(fam)
+        elif len(ns) == 1:
+            parts.append(f"{fam}{ns[0]}")
+        else:
+            parts.append(f"{fam}{ns[0]}..{'r' if fam.startswith('bin') else 'int'}{ns[-1]}" if fam.startswith("bin")
+                         else f"int{ns[0]}..int{ns[-1]}")
+    return ", ".join(parts) or "none"
 
 
 def render(ctx: Context) -> str:

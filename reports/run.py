@@ -36,6 +36,7 @@ PRODUCERS = {
     "student/distill.json": "dfplan distill",
     "student/train_log.jsonl": "dfplan distill",
     "eval.json": "dfplan eval",
+    "tasks.json": "dfplan eval --tasks",
     "demo.json": "dfplan demo",
     "run.json": "dfplan sensitivity / search (any stage command)",
     "bench/*.json": "dfplan bench",

@@ -17,8 +17,8 @@ from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
 from dfplan.formats.plan import Plan
 from dfplan.formats.size import plan_bytes
-from dfplan.formats.units import allowed_specs, compressible_units
 from dfplan.formats.specs import DEFAULT_CANDIDATES
+from dfplan.formats.units import allowed_specs, compressible_units
 from dfplan.reports import render_report
 from dfplan.reports.check import check_report
 
@@ -137,6 +137,10 @@ def build_run(root: Path) -> Path:
         {"variant": v, "batch": 1, "decode_tok_s": tok, "bound_tok_s": tok * 1.5, "prefill_ms": 12.5,
          "model_bytes": 1000} for v, tok in (("dfplan-packed", 300.0), ("dfplan-fp32", 80.0))],
         "skipped": [{"variant": "llama.cpp", "reason": "llama-cpp-python not installed"}]})
+    def tasks(acc):
+        return {"tasks": {"piqa": {"source": "piqa.jsonl", "acc": acc, "acc_stderr": 0.02, "chance": 0.5}},
+                "perplexity": {"wikitext2": {"token_perplexity": 1042.5, "bits_per_byte": 3.83}}}
+    _write(run / "tasks.json", {"model": tasks(0.52), "teacher": tasks(0.61)})
     for sub in (run, run / "dfssm"):
         _write(sub / "run.json", {"model": str(t), "fingerprint": "f" * 64,
                                   "commands": {"search": "2026-01-01T00:00:00+00:00"}})
@@ -235,7 +239,7 @@ def test_report_names_every_file_it_used_and_every_artifact(full_report, full_ru
                 "plan.md", "pareto.csv", "study.db", "dfssm/plan.json", "dfssm/pareto.csv",
                 "student/manifest.json", "student/plan.json", "student/train_log.jsonl", "dfssm/student/eval.json",
                 "eval.json", "dfssm/eval.json", "bench/kernels.json", "bench/e2e.json", "demo.json",
-                "teacher/zoo.json", "teacher/train_log.jsonl", "teacher/config.json", "run.json", "dfssm/run.json"):
+                "teacher/zoo.json", "teacher/train_log.jsonl", "teacher/config.json", "run.json", "dfssm/run.json", "tasks.json"):
         assert rel in rep.used, rel
 
 
@@ -307,6 +311,11 @@ def test_allocation_size_eval_and_bench_tables_match(full_report, full_run):
     tasks = table_with(text, "task", "metric")
     piqa = next(r for r in tasks[1:] if r[0] == "piqa" and r[1] == "acc")
     assert piqa[2] == "0.500" and piqa[3].startswith("0.5500") and piqa[4].startswith("0.6000")
+    dt = next(t for t in md_tables(text) if t[0][:3] == ["task", "metric", "chance"] and "student" in t[0])
+    assert dt[0] == ["task", "metric", "chance", "student", "teacher"]
+    got = {(r[0], r[1]): r for r in dt[1:]}
+    assert got[("piqa", "acc")][2:] == ["0.500", "0.5200 ± 0.0200", "0.6100 ± 0.0200"]
+    assert got[("wikitext2", "token_perplexity")][2:] == ["", "1,042.5000", "1,042.5000"]
     kr = json.loads((full_run / "bench" / "kernels.json").read_text())["rows"]
     kt = table_with(text, "unit", "out x in")
     assert len(kt) - 1 == len(kr)
@@ -326,7 +335,7 @@ def test_report_is_deterministic(full_run, tmp_path):
 
 # -- each artifact missing -----------------------------------------------------------------------
 
-MISSING = ["sensitivity.csv", "validation.json", "pareto.csv", "study.db", "student/train_log.jsonl",
+MISSING = ["tasks.json", "sensitivity.csv", "validation.json", "pareto.csv", "study.db", "student/train_log.jsonl",
            "teacher/train_log.jsonl", "student/eval.json", "eval.json", "student/manifest.json",
            "bench", "demo.json", "teacher", "dfssm", "sensitivity.json"]
 
@@ -341,11 +350,11 @@ def test_each_artifact_missing_renders_with_one_line(run_copy, rel):
     for f in rep.figures:
         png_ok(f)
     assert not any(u == rel or u.startswith(rel + "/") for u in rep.used)
-    if rel in ("dfssm", "demo.json", "sensitivity.json", "teacher"):
+    if rel in ("dfssm", "demo.json", "sensitivity.json", "teacher", "tasks.json"):
         return      # optional context: the report simply has less in it
-    line = next(l for l in text.splitlines() if l.lstrip("- ").startswith(("_Not available", "main: _Not")))
-    assert "Not available" in line
-    assert rel.split("/")[-1] in "\n".join(l for l in text.splitlines() if "Not available" in l)
+    lines = [ln for ln in text.splitlines() if ln.lstrip("- ").startswith(("_Not available", "main: _Not"))]
+    assert lines, "no one-line 'Not available' note"
+    assert rel.split("/")[-1] in "\n".join(lines)
 
 
 def test_plan_missing_leaves_plan_sections_one_line(run_copy):
