@@ -65,6 +65,9 @@ class E2EConfig:
     progress: bool = True
 
 
+WORKER_OVERHEAD = 512 << 20
+
+
 def _cache_dir(cfg: E2EConfig) -> Path:
     if cfg.cache_dir:
         return Path(cfg.cache_dir)
@@ -185,7 +188,8 @@ def _check_memory(chosen: list[Variant], mcfg, cfg: E2EConfig, packed_bytes: int
     """Refuse before starting anything when the variants cannot all be resident at once."""
     need = {v.name: resident_bytes(v, mcfg, packed_bytes) for v in chosen}
     fp32_ref = resident_bytes(Variant("ref", "", "dfplan", "fp32"), mcfg, None)
-    total = sum(need.values()) if cfg.isolate else sum(need.values()) + fp32_ref
+    # each worker process also holds the Python + torch runtime (~0.3-0.5 GB)
+    total = sum(need.values()) + (WORKER_OVERHEAD * len(need) if cfg.isolate else fp32_ref)
     avail = schema.available_ram()
     where = "RAM"
     if cfg.device.startswith("cuda"):
