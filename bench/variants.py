@@ -327,6 +327,8 @@ class HFRunner:
         import inspect
 
         from transformers import Mamba2ForCausalLM
+        from transformers.utils import logging as hf_logging
+        hf_logging.set_verbosity_error()     # its kernel-fallback notices would cut the progress bar
         self.model = Mamba2ForCausalLM.from_pretrained(p.path, dtype=DTYPES[p.dtype]).to(p.device).eval()
         self.device = p.device
         self.vocab = self.model.config.vocab_size
