@@ -23,8 +23,7 @@ from dfplan.kernels import cpu as cpu_kernels
 from dfplan.kernels.dispatch import binary_linear, int8_linear
 from dfplan.kernels.packing import pack_signs
 
-from .common import (Timing, copies_to_exceed, l3_bytes, memory_bandwidth, metadata, timeit,
-                     write_results)
+from .common import Timing, copies_to_exceed, l3_bytes, memory_bandwidth, metadata, timeit, write_results
 
 CPU_IMPLS = ("bin", "bin+r16", "int8", "fbgemm-int8", "bf16", "fp32")
 GPU_IMPLS = ("bin", "bin+r16", "int8", "fp16")

@@ -70,7 +70,9 @@ def _user_errors() -> tuple[type[Exception], ...]:
 
 def main(argv=None) -> int:
     try:
-        cli.main(args=argv, standalone_mode=False)
+        # standalone_mode=False: click returns ctx.exit(N)'s code (e.g. bench compare's 1 for a
+        # regression) instead of calling sys.exit; callbacks themselves return None
+        rv = cli.main(args=argv, standalone_mode=False)
     except _user_errors() as e:
         click.echo(f"error: {e}", err=True)
         return 2
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
         return 2
     except click.exceptions.Exit as e:
         return e.exit_code
-    return 0
+    return rv if isinstance(rv, int) and not isinstance(rv, bool) else 0
 
 
 if __name__ == "__main__":

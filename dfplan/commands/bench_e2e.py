@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import sys
 
 import click
 
@@ -94,7 +93,7 @@ def compare(base, new, time_threshold, size_threshold, alpha, allow_busy, as_jso
                       alpha=alpha, allow_busy=allow_busy)
     click.echo(json.dumps(c.to_json(), indent=1) if as_json else format_comparison(c))
     if c.regressions:
-        sys.exit(1)
+        click.get_current_context().exit(1)   # main() returns 1: a regression, not a usage error
 
 
 @click.command(name="nightly", help="Run the fixed suite (kernels + e2e), compare with the history "
@@ -113,4 +112,4 @@ def nightly(history, suite, device, threads, variants):
     click.echo(json.dumps(rep, indent=1))
     click.echo(f"summary: {history}/summary.md")
     if any(rep["flagged"].values()):
-        sys.exit(1)
+        click.get_current_context().exit(1)   # main() returns 1: a regression, not a usage error
