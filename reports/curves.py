@@ -56,7 +56,7 @@ def figure(ctx: Context, teacher: list | None, logs: dict) -> str:
         ax.set_xlabel("distillation tokens (thousands)")
         ax.set_ylabel("nats/token (log)")
         ax.set_title("Distillation (vertical lines: phase changes)")
-        ax.legend(loc="upper right", frameon=False)
+        ax.legend(loc="lower right", frameon=False)
     return ctx.save(fig, "training_curves", "training and distillation curves")
 
 

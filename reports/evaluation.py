@@ -117,6 +117,8 @@ def render(ctx: Context) -> str:
                 continue
             if key == "teacher" and any(x[0] == "teacher (fp)" for x in rows):
                 continue
+            if key == "scaffold_only" and r == ev.get("ptq"):
+                continue        # no scaffold in this plan: dropping corrections changes nothing
             rows.append([label if key == "teacher" else f"{v.name}: {label}", fixed(r.get("ppl")),
                          sig(r.get("kl_to_teacher")), where, v.rel("student/eval.json")])
     held = []
