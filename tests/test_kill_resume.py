@@ -200,3 +200,42 @@ def test_pack(files, tmp_path, point):
     assert _sha(out / "model.safetensors") == _sha(ref / "model.safetensors")
     assert json.loads((out / "manifest.json").read_text())["files"] == \
         json.loads((ref / "manifest.json").read_text())["files"]
+
+
+# -- bench ---------------------------------------------------------------------------------------
+# Timings differ from run to run, so the rerun is checked for a complete, well-formed result of
+# the same cases (not for equal numbers); the killed run must leave no result file behind.
+
+def _bench_kernels_args(out):
+    return ["bench", "kernels", "--out", str(out), "--model", "tiny", "--units", "in_proj", "--impls",
+            "int8,fp32", "--batch", "1", "--budget", "0.01", "--bandwidth-mib", "16", "--threads", "1"]
+
+
+def test_bench_kernels(tmp_path):
+    out = tmp_path / "bench"
+    _killed(_bench_kernels_args(out), "replace:kernels.json:1", tmp_path)
+    assert not (out / "kernels.json").exists()          # killed at the rename: no half result
+    assert main(_bench_kernels_args(out)) == 0
+    rows = json.loads((out / "kernels.json").read_text())["rows"]
+    assert {(r["unit"], r["impl"], r["batch"]) for r in rows} == {("in_proj", "int8", 1), ("in_proj", "fp32", 1)}
+    assert all(r["median_ms"] > 0 for r in rows)
+
+
+def _bench_e2e_args(files, out, tmp_path):
+    return ["bench", "e2e", "--model", str(files["teacher"]), "--variants", "dfplan-fp32,dfplan-packed",
+            "--prompt-len", "8", "--gen", "2", "--batch", "1", "--min-samples", "10", "--min-time", "0",
+            "--warmup", "1", "--no-isolate", "--threads", "1", "--bandwidth-mib", "16",
+            "--cache-dir", str(tmp_path / "bench-cache"), "--out", str(out)]
+
+
+def test_bench_e2e(files, tmp_path):
+    from dfplan.bench import schema
+
+    out = tmp_path / "e2e.json"
+    _killed(_bench_e2e_args(files, out, tmp_path), "replace:e2e.json:1", tmp_path)
+    assert not out.exists()
+    assert main(_bench_e2e_args(files, out, tmp_path)) == 0
+    res = schema.load(out)                                # validates the schema and digest
+    for name in ("dfplan-fp32", "dfplan-packed"):
+        assert res["variants"][name]["status"] == "ok"
+        assert res["variants"][name]["cases"]["b1"]["metrics"]["decode_ms_per_token"]["n"] >= 10
