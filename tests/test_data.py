@@ -3,8 +3,7 @@ import numpy as np
 import pytest
 
 from dfplan.corpus import BUILTIN, BUILTIN_HELDOUT, builtin_files, resolve_corpus
-from dfplan.data import (EpochSampler, gather, load_tokens, sample_windows, split_windows,
-                         unigram_ppl, window_starts)
+from dfplan.data import EpochSampler, gather, load_tokens, sample_windows, split_windows, unigram_ppl, window_starts
 from dfplan.errors import DfplanError
 from dfplan.tokenizer import eos_id, train_bpe
 

@@ -2,12 +2,11 @@
 the weights one process reaches on the whole batch (up to float summation order)."""
 import numpy as np
 import torch
+from test_distill import SEQ, make_plan, make_teacher, tiny_cfg
 
 from dfplan.data import split_windows
 from dfplan.distill.losses import LossConfig
 from dfplan.distill.trainer import DistillConfig, train
-
-from test_distill import SEQ, make_plan, make_teacher, tiny_cfg
 
 
 def _job():

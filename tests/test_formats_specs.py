@@ -4,8 +4,7 @@ import torch
 
 from dfplan.errors import DfplanError
 from dfplan.formats import quant
-from dfplan.formats.specs import (DEFAULT_CANDIDATES, Binary, IntN, Keep, parse_spec, spec_from_json,
-                                  spec_to_json)
+from dfplan.formats.specs import DEFAULT_CANDIDATES, Binary, IntN, Keep, parse_spec, spec_from_json, spec_to_json
 
 NAMES = ["fp32", "bf16", "fp16", "int8", "int4", "int3", "int2", "int4g128", "int4g128a", "int8a",
          "int3g32", "int2g16a", "bin", "bin+r16", "bin+r16i4", "bin+r8i2", "bin+r32i3", "fbi", "fbi+r16"]

@@ -8,11 +8,11 @@ from dfplan.cli import main as cli_main
 from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
 from dfplan.formats.layouts import layout_names, layout_plan
+from dfplan.formats.plan import Plan, model_signature
 from dfplan.formats.size import packed_layout, plan_bytes
 from dfplan.formats.specs import Binary, IntN, Keep, parse_spec
 from dfplan.formats.units import allowed_specs, compressible_units, fixed_tensors
 from dfplan.model import build_model
-from dfplan.formats.plan import Plan, model_signature
 
 C13 = Mamba2Config.preset("mamba2-1.3b")
 HYBRID = Mamba2Config(d_model=64, n_layer=3, vocab_size=300, d_state=16, headdim=16, chunk_size=16,

@@ -2,24 +2,22 @@
 (table validation, correction), uniform baselines and the size-only prior."""
 from __future__ import annotations
 
-import json
 from collections import Counter
 
 import numpy as np
 import pytest
+from test_planner_fixtures import brute_force, hybrid_cfg, micro_cfg, synth_rows, write_table
 
 from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
 from dfplan.formats.size import plan_bytes
 from dfplan.formats.specs import Binary, IntN
-from dfplan.sizes import format_bytes, parse_bytes
 from dfplan.planner.milp import pareto_front, solve
 from dfplan.planner.prior import NOTE, prior_surrogate
 from dfplan.planner.space import build_space
-from dfplan.planner.surrogate import (Correction, fit_correction, load_surrogate, surrogate_from_table,
-                                      tracking)
+from dfplan.planner.surrogate import Correction, fit_correction, load_surrogate, surrogate_from_table, tracking
 from dfplan.planner.uniform import uniform_allocations
-from test_planner_fixtures import brute_force, hybrid_cfg, micro_cfg, synth_rows, write_table
+from dfplan.sizes import format_bytes, parse_bytes
 
 
 def _space(cfg, seed=0):

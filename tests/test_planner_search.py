@@ -9,18 +9,18 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_planner_fixtures import micro_cfg, synth_rows, write_model_dir, write_table
 
 from dfplan.cli import main
 from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
+from dfplan.formats.plan import Plan
 from dfplan.formats.size import plan_bytes
 from dfplan.planner.milp import solve
 from dfplan.planner.optuna_search import run_search, study_name
-from dfplan.formats.plan import Plan
 from dfplan.planner.space import build_space
 from dfplan.planner.surrogate import surrogate_from_table
 from dfplan.planner.uniform import uniform_allocations
-from test_planner_fixtures import micro_cfg, synth_rows, write_model_dir, write_table
 
 
 @pytest.fixture

@@ -6,8 +6,16 @@ import pytest
 
 from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
-from dfplan.tokenizer import (EOS, check_vocab, eos_id, fingerprint, load_tokenizer,
-                              save_tokenizer, train_bpe, vocab_size_of)
+from dfplan.tokenizer import (
+    EOS,
+    check_vocab,
+    eos_id,
+    fingerprint,
+    load_tokenizer,
+    save_tokenizer,
+    train_bpe,
+    vocab_size_of,
+)
 
 
 def _texts(seed=0, n=200):

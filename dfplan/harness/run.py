@@ -76,7 +76,7 @@ def evaluate_tasks(model_arg: str, task_names: list[str], *, data_dir: str | Non
         # every set is local: make sure nothing below reaches for the network
         for var in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
             os.environ.setdefault(var, "1")
-    from .lm import DfplanLM   # imports lm-eval (after the offline switches are set)
+    from .lm import DfplanLM  # imports lm-eval (after the offline switches are set)
 
     lm = DfplanLM(pretrained=model_arg, tokenizer=tokenizer, batch_size=batch_size,
                   max_length=max_length, stride=stride, dtype=dtype, device=device)
