@@ -35,6 +35,7 @@ OWN_NAMES = {
     "study.db-journal", "eval.json",
     "validation.json", "validation.md", "report.md", "kernels.json", "packed",
     "report_figures", "dfssm",      # dfplan report's figures; the demo's second (DF-SSM) plan
+    "probe",                        # dfplan probe --out RUN/probe
 }
 _FP_CHUNK = 8 << 20          # bytes hashed at each end of a weight file
 

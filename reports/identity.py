@@ -8,10 +8,10 @@ files and both models.
 """
 from __future__ import annotations
 
-from dfplan.config import Mamba2Config
+from dfplan.config import EXTRA_FIELDS, Mamba2Config
 from dfplan.errors import DfplanError
 from dfplan.formats.plan import Plan
-from dfplan.loading import config_from_hf, is_hf_config
+from dfplan.loading import EXTRA_FILE, config_from_hf, is_hf_config
 
 from .run import RunDir, Variant
 
@@ -79,6 +79,12 @@ def check_and_config(run: RunDir, variants: list[Variant]) -> tuple[Mamba2Config
                               f"render each run directory on its own")
     for rel, _, full in sigs:
         if full is not None:
+            if rel.endswith("config.json") and not is_hf_config(full):
+                # what mamba_ssm's config.json cannot hold (the norm epsilon) lies beside it
+                extra_rel = rel[:-len("config.json")] + EXTRA_FILE
+                full = {**full, **{k: v for k, v in (run.json(extra_rel, "model config: fields mamba_ssm's "
+                                                               "config.json cannot hold") or {}).items()
+                                   if k in EXTRA_FIELDS}}
             try:
                 cfg = config_from_hf(full, "model") if is_hf_config(full) else Mamba2Config.from_dict(full, "model")
             except (DfplanError, TypeError, ValueError) as e:

@@ -16,7 +16,7 @@ from pathlib import Path
 from dfplan.errors import DfplanError
 from dfplan.fileio import write_text_atomic
 
-from . import allocation, bench, curves, environment, evaluation, pareto, plans, sensitivity, size, study
+from . import allocation, bench, curves, environment, evaluation, pareto, plans, probe, sensitivity, size, study
 from .context import Context
 from .fmt import table
 from .identity import check_and_config, load_plans, plan_consistency
@@ -25,7 +25,7 @@ from .run import open_run, plan_variants
 SECTIONS = (("Plans", plans), ("Sensitivity", sensitivity), ("Pareto front", pareto),
             ("Per-layer allocation", allocation), ("Size breakdown", size), ("Optuna search", study),
             ("Training and distillation", curves), ("Evaluation", evaluation),
-            ("Latency and throughput", bench), ("Environment", environment))
+            ("Latency and throughput", bench), ("Knowledge probe", probe), ("Environment", environment))
 USED_HEADING = "## Artifacts used"
 
 

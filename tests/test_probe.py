@@ -1,6 +1,7 @@
 """Knowledge probe: metrics on planted and random states, a model with the answer planted
 at a known block, phases, one-block swaps, prompt conversion, CLI files and bad input."""
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -325,3 +326,39 @@ def test_cli_write_prompts_converts_rome(tmp_path, capsys):
     assert rc == 0
     lines = [json.loads(x) for x in (tmp_path / "s.jsonl").read_text().splitlines()]
     assert len(lines) == 445 and {"prompt", "answer", "category", "relation"} <= set(lines[0])
+
+
+def test_report_renders_the_probe(saved_pair, capsys):
+    """`dfplan report` on a run folder holding a probe output: its table rows are the CSV's, its
+    figure is a real, non-blank PNG, and every probe file is named in the report."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+    from matplotlib import image
+
+    from dfplan.reports import render_report
+    from dfplan.reports.check import check_report
+
+    d = saved_pair
+    run = d / "run-report"
+    assert main(["probe", "--model", str(d / "teacher"), "--compare", str(d / "student"), "--prompts",
+                 str(d / "p.jsonl"), "--out", str(run / "probe"), "--folds", "2"]) == 0, capsys.readouterr().err
+    (run / "run.json").write_text(json.dumps({"model": str(d / "teacher"), "fingerprint": "f" * 64, "commands": {}}))
+    rep = render_report(run)
+    text = rep.path.read_text()
+    section = text.split("## Knowledge probe", 1)[1].split("\n## ", 1)[0]
+    layers = pd.read_csv(run / "probe" / "probe_layers.csv")
+    rows = [line.split("|")[1:-1] for line in section.splitlines()
+            if line.startswith("| teacher ") or line.startswith("| student ")]
+    table = [[c.strip() for c in r] for r in rows if len(r) == 7 and r[1].strip().lstrip("-").isdigit()]
+    assert len(table) == len(layers)
+    for (model, layer, _, acc, *_rest), (_, want) in zip(table, layers.iterrows()):
+        assert model == want["model"] and int(layer) == want["layer"]
+        assert float(acc) == pytest.approx(want["category_accuracy"], abs=6e-4)
+    png = [p for p in rep.figures if "probe" in str(p)]
+    assert png
+    pixels = image.imread(rep.path.parent / "report_figures" / Path(png[0]).name)
+    assert float(np.std(pixels)) > 0.05
+    assert check_report(run) == []
+    shutil.rmtree(run)

@@ -147,9 +147,29 @@ def build_run(root: Path) -> Path:
     _write(run / "demo.json", {"config": {"out": str(run)}, "stages": [
         {"stage": "teacher", "status": "done", "result": "val ppl 85.50"},
         {"stage": "search", "status": "done", "result": "ok"}]})
+    _probe(run / "probe", rng)
     (run / "logs").mkdir()
     (run / "logs" / "search.txt").write_text("log\n")
     return run
+
+
+def _probe(out: Path, rng) -> None:
+    """What `dfplan probe --compare` writes (summary, per-layer metrics, one-block swaps)."""
+    phases = {"categorisation": [0, 0], "recall": [1, 1], "formatting": None, "notes": []}
+    models = [{"name": n, "model": f"/x/{n}", "n_layer": CFG.n_layer, "final_top1": 0.25, "final_top10": 0.5,
+               "phases": phases} for n in ("teacher", "student")]
+    _write(out / "probe.json", {"prompts": {"path": "p.jsonl", "n": 40, "categories": 4}, "top_k": 10,
+                                "chance": 0.25, "models": models,
+                                "recall_disturbance": [{"block": 1, "logprob_drop": 0.75}],
+                                "options": {"model": "/x/teacher", "prompts": "p.jsonl", "compare": "/x/student"}})
+    rows = [{"model": n, "layer": layer, "category_separation": float(rng.uniform(0, 1)),
+             "category_accuracy": float(rng.uniform(0.25, 1)), "top10_rate": float(rng.uniform(0, 1)),
+             "median_rank": int(rng.integers(0, 50)), "phase": "-"}
+            for n in ("teacher", "student") for layer in range(-1, CFG.n_layer)]
+    out.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(out / "probe_layers.csv", index=False)
+    pd.DataFrame([{"block": b, "logprob_drop": float(rng.uniform(0, 1)), "kl": 0.1}
+                  for b in range(CFG.n_layer)]).to_csv(out / "probe_swap.csv", index=False)
 
 
 @pytest.fixture(scope="module")
@@ -211,12 +231,12 @@ def test_full_report_has_every_section_and_valid_figures(full_report, full_run):
     assert rep.path == full_run / "report.md"
     for heading in ("## Plans", "## Sensitivity", "## Pareto front", "## Per-layer allocation",
                     "## Size breakdown", "## Optuna search", "## Training and distillation", "## Evaluation",
-                    "## Latency and throughput", "## Environment", "## Artifacts used"):
+                    "## Latency and throughput", "## Knowledge probe", "## Environment", "## Artifacts used"):
         assert heading in text
     assert "Not available" not in text
     names = {p.name for p in rep.figures}
     assert {"sensitivity_heatmap.png", "pareto_front.png", "allocation.png", "size_breakdown.png",
-            "training_curves.png", "bench_kernels.png", "bench_e2e.png"} <= names
+            "training_curves.png", "bench_kernels.png", "bench_e2e.png", "probe_0.png"} <= names
     assert any(n.startswith("optuna_main_") for n in names)
     for p in rep.figures:
         assert p.parent == full_run / "report_figures"
@@ -337,7 +357,7 @@ def test_report_is_deterministic(full_run, tmp_path):
 
 MISSING = ["tasks.json", "sensitivity.csv", "validation.json", "pareto.csv", "study.db", "student/train_log.jsonl",
            "teacher/train_log.jsonl", "student/eval.json", "eval.json", "student/manifest.json",
-           "bench", "demo.json", "teacher", "dfssm", "sensitivity.json"]
+           "bench", "demo.json", "teacher", "dfssm", "sensitivity.json", "probe"]
 
 
 @pytest.mark.parametrize("rel", MISSING)
