@@ -89,6 +89,38 @@ def check_out_file(path, flag: str = "--out") -> Path:
     return p
 
 
+def _json_object(path: Path) -> bool:
+    """A JSON object: what every dfplan result file is (a user's notes, CSVs or weights are not)."""
+    try:
+        return isinstance(json.loads(path.read_text()), dict)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def check_result_file(path, flag: str = "--out", force: bool = False) -> Path:
+    """A result JSON we may write: new, or an earlier result (replaced); another file is refused
+    unless --force, so a typo never overwrites something that is not ours."""
+    p = check_out_file(path, flag)
+    if p.exists() and not force and not _json_object(p):
+        raise DfplanError(f"{flag} {p} exists and is not a dfplan result (not a JSON object); "
+                          "choose another file name or pass --force")
+    return p
+
+
+def check_result_dir(path, own: set | frozenset, flag: str = "--out", force: bool = False) -> Path:
+    """A folder for result files named in `own` (plus earlier JSON results); a folder holding
+    anything else is refused unless --force."""
+    p = check_out_dir(path, flag)
+    if p.is_dir() and not force:
+        foreign = sorted(n for n in os.listdir(p) if n not in own and n not in OWN_NAMES
+                         and not is_temp_leftover(n) and not (n.endswith(".json") and _json_object(p / n)))
+        if foreign:
+            raise DfplanError(f"{flag} {p} is not empty and holds files dfplan did not write "
+                              f"({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); "
+                              "choose an empty folder or pass --force")
+    return p
+
+
 def check_in_file(path, flag: str) -> Path:
     p = Path(str(path)).expanduser()
     if not str(path).strip() or not p.is_file():

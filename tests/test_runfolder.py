@@ -133,3 +133,30 @@ def test_project_file_gives_search_its_defaults(tmp_path, monkeypatch, capsys):
     (tmp_path / "dfplan.toml").write_text("model = 3\n")
     assert main(["search", "--budget", "300kB"]) == 2
     assert "must be a string" in _one_error(capsys)
+
+
+def test_result_outputs_refuse_files_dfplan_did_not_write(tmp_path, capsys):
+    """bench folders and eval / e2e result files: a user's file is never overwritten or mixed in
+    without --force; an earlier JSON result may be replaced."""
+    from dfplan.cli import main
+
+    folder = tmp_path / "bench"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("mine\n")
+    for argv in (["bench", "kernels", "--out", str(folder)], ["bench", "planner", "--model", "preset:tiny",
+                 "--sensitivity", str(folder / "notes.txt"), "--corpus", "builtin", "--out", str(folder)]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "notes.txt" in err[0] and "--force" in err[0]
+    notes = tmp_path / "notes.txt"
+    notes.write_text("mine\n")
+    for argv in (["eval", "--model", "preset:tiny", "--corpus", "builtin", "--out", str(notes)],
+                 ["bench", "e2e", "--variants", "dfplan-fp32", "--out", str(notes)]):
+        assert main(argv) == 2
+        assert "not a dfplan result" in capsys.readouterr().err
+        assert notes.read_text() == "mine\n"
+    from dfplan.runfolder import check_result_dir, check_result_file
+    (folder / "old.json").write_text("{}")
+    (folder / "notes.txt").unlink()
+    assert check_result_dir(folder, {"kernels.json"}) == folder          # earlier JSON results are ours
+    assert check_result_file(folder / "old.json") == folder / "old.json"

@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from ..errors import DfplanError
+from ..runfolder import check_result_dir
 from .bench_e2e import compare as _compare
 from .bench_e2e import e2e as _e2e
 from .bench_e2e import nightly as _nightly
@@ -44,7 +45,9 @@ def command():
 @click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
 @click.option("--bandwidth-mib", default=256, show_default=True, type=click.IntRange(16, None),
               help="Buffer size for the same-run memory bandwidth measurement (x4 on CUDA).")
-def kernels(out_dir, model, batches, units, impls, device, budget_s, threads, bandwidth_mib):
+@click.option("--force", is_flag=True, help="Write into --out even if it holds files dfplan did not write.")
+def kernels(out_dir, model, batches, units, impls, device, budget_s, threads, bandwidth_mib, force):
+    check_result_dir(out_dir, {"kernels.json"}, force=force)
     from ..bench.kernels import BenchConfig, format_table, run_kernel_bench, write
 
     cfg = BenchConfig(model=model, batches=_ints(batches), units=_names(units), impls=_names(impls),
@@ -98,8 +101,10 @@ def _fractions(text: str) -> tuple[float, ...]:
 @click.option("--budget", "budget_s", default=1.0, show_default=True, type=float,
               help="Seconds of samples per decode-step timing.")
 @click.option("--threads", default=None, type=int, help="torch threads (default: torch's choice).")
+@click.option("--force", is_flag=True, help="Write into --out even if it holds files dfplan did not write.")
 def dynamic(model_arg, out_dir, corpus, tokenizer, prompts, prompt_len, gen, keep, m_fracs, block,
-            mlp_block, sketch, recovery, seed, quality, speed, budget_s, threads):
+            mlp_block, sketch, recovery, seed, quality, speed, budget_s, threads, force):
+    check_result_dir(out_dir, {"dynamic.json"}, force=force)
     from ..bench.dynamic import DynamicBenchConfig, format_table, run_dynamic_bench, write
 
     cfg = DynamicBenchConfig(model=model_arg, corpus=tuple(corpus), tokenizer=tokenizer,
@@ -128,7 +133,9 @@ for _cmd in (_e2e, _compare, _nightly):
 @click.option("--heldout-windows", default=16, show_default=True, type=click.IntRange(1, None))
 @click.option("--seq-len", default=None, type=click.IntRange(1, None))
 @click.option("--seed", default=0, show_default=True, type=int)
-def planner(model, sensitivity, corpus, out_dir, trials, budget, heldout_windows, seq_len, seed):
+@click.option("--force", is_flag=True, help="Write into --out even if it holds files dfplan did not write.")
+def planner(model, sensitivity, corpus, out_dir, trials, budget, heldout_windows, seq_len, seed, force):
+    check_result_dir(out_dir, {"bench.json", "bench.md"}, force=force)
     from ..sizes import parse_bytes
 
     budget_bytes = parse_bytes(budget) if budget else None

@@ -6,6 +6,7 @@ import json
 import click
 
 from ..errors import DfplanError
+from ..runfolder import check_result_file
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -53,9 +54,10 @@ def _variant_help() -> str:
 @click.option("--bandwidth-mib", default=256, show_default=True, type=click.IntRange(16, None))
 @click.option("--out", "out_path", default="runs/bench/e2e.json", show_default=True,
               type=click.Path(dir_okay=False), help="Result JSON.")
+@click.option("--force", is_flag=True, help="Write --out even if it is a file that is not a dfplan result.")
 def e2e(model_arg, random_init, variants, list_variants, packed, plan, prompt_len, gen_len, batches,
         device, threads, warmup, min_samples, max_samples, min_time_s, seed, cache_dir, isolate,
-        bandwidth_mib, out_path):
+        bandwidth_mib, out_path, force):
     from ..bench.e2e import E2EConfig, format_table, run_e2e, write
     from ..bench.variants import VARIANTS, unavailable
 
@@ -64,6 +66,7 @@ def e2e(model_arg, random_init, variants, list_variants, packed, plan, prompt_le
             why = unavailable(v, device)
             click.echo(f"{v.name:22s} {v.description}" + (f"  [skipped here: {why}]" if why else ""))
         return
+    check_result_file(out_path, force=force)
     names = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None
     cfg = E2EConfig(model=model_arg, random_init=random_init, variants=names, prompt_len=prompt_len,
                     gen_len=gen_len, batches=_ints(batches), device=device, threads=threads,

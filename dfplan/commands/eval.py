@@ -6,7 +6,7 @@ import json
 
 import click
 
-from ..runfolder import check_corpus, check_model_arg, check_out_dir, check_out_file
+from ..runfolder import check_corpus, check_model_arg, check_out_dir, check_result_file
 
 
 @click.command(name="eval", help="Perplexity and zero-shot accuracy of a model or packed artifact. "
@@ -37,15 +37,16 @@ from ..runfolder import check_corpus, check_model_arg, check_out_dir, check_out_
               help="lm-eval bootstrap resamples for stderrs without a closed form (perplexity).")
 @click.option("--write-tasks", default=None, type=click.Path(file_okay=False),
               help="Only write the local tasks' lm-eval YAMLs here (for lm_eval --include_path).")
+@click.option("--force", is_flag=True, help="Write --out even if it is a file that is not a dfplan result.")
 def command(model_arg, corpus, tokenizer, teacher, seq_len, windows, batch_size, out, tasks, data_dir,
-            limit, max_length, stride, compare, bootstrap_iters, write_tasks):
+            limit, max_length, stride, compare, bootstrap_iters, write_tasks, force):
     from ..errors import DfplanError
     check_model_arg(model_arg)                # before torch: a typo costs a fraction of a second
     for flag, v in (("--teacher", teacher), ("--compare", compare)):
         if v is not None:
             check_model_arg(v, flag)
     if out is not None:
-        check_out_file(out)
+        check_result_file(out, force=force)
     check_corpus(corpus)
     if write_tasks is not None:
         check_out_dir(write_tasks, "--write-tasks")
