@@ -75,3 +75,14 @@ def parse_count(text) -> int:
     if not m:
         raise DfplanError(f"cannot parse token count {text!r}; write e.g. 2000000, 2M or 500k")
     return int(float(m.group(1).replace("_", "").replace(",", "")) * _MULT[m.group(2).lower()])
+
+
+def parse_positive_ints(text: str) -> tuple[int, ...]:
+    """"1,8,32" -> (1, 8, 32) (batch sizes and the like); raises DfplanError for anything else."""
+    try:
+        vals = tuple(int(v) for v in str(text).split(",") if v.strip())
+    except ValueError:
+        raise DfplanError(f"expected comma-separated integers, got {text!r}") from None
+    if not vals or any(v <= 0 for v in vals):
+        raise DfplanError(f"expected positive integers, got {text!r}")
+    return vals

@@ -5,19 +5,10 @@ import click
 
 from ..errors import DfplanError
 from ..runfolder import check_result_dir
+from ..sizes import parse_positive_ints
 from .bench_e2e import compare as _compare
 from .bench_e2e import e2e as _e2e
 from .bench_e2e import nightly as _nightly
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise DfplanError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v <= 0 for v in vals):
-        raise DfplanError(f"expected positive integers, got {text!r}")
-    return vals
 
 
 def _names(text: str | None) -> tuple[str, ...] | None:
@@ -50,7 +41,7 @@ def kernels(out_dir, model, batches, units, impls, device, budget_s, threads, ba
     check_result_dir(out_dir, {"kernels.json"}, force=force)
     from ..bench.kernels import BenchConfig, format_table, run_kernel_bench, write
 
-    cfg = BenchConfig(model=model, batches=_ints(batches), units=_names(units), impls=_names(impls),
+    cfg = BenchConfig(model=model, batches=parse_positive_ints(batches), units=_names(units), impls=_names(impls),
                       device=device, budget_s=budget_s, threads=threads,
                       bandwidth_bytes=bandwidth_mib << 20)
     res = run_kernel_bench(cfg)

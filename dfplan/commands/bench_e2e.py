@@ -5,18 +5,8 @@ import json
 
 import click
 
-from ..errors import DfplanError
 from ..runfolder import check_result_file
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        vals = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise DfplanError(f"expected comma-separated integers, got {text!r}") from None
-    if not vals or any(v <= 0 for v in vals):
-        raise DfplanError(f"expected positive integers, got {text!r}")
-    return vals
+from ..sizes import parse_positive_ints
 
 
 def _variant_help() -> str:
@@ -69,7 +59,7 @@ def e2e(model_arg, random_init, variants, list_variants, packed, plan, prompt_le
     check_result_file(out_path, force=force)
     names = tuple(v.strip() for v in variants.split(",") if v.strip()) if variants else None
     cfg = E2EConfig(model=model_arg, random_init=random_init, variants=names, prompt_len=prompt_len,
-                    gen_len=gen_len, batches=_ints(batches), device=device, threads=threads,
+                    gen_len=gen_len, batches=parse_positive_ints(batches), device=device, threads=threads,
                     warmup=warmup, min_samples=min_samples, max_samples=max(max_samples, min_samples),
                     min_time_s=min_time_s, seed=seed, packed=packed, plan=plan, cache_dir=cache_dir,
                     isolate=isolate, bandwidth_mib=bandwidth_mib)
