@@ -128,12 +128,7 @@ def load_config(model_arg: str) -> Mamba2Config:
     path = d / "config.json"
     if not path.exists():
         raise DfplanError(f"{d} has no config.json; is it a Mamba-2 checkpoint directory?")
-    try:
-        raw = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DfplanError(f"malformed config {path}: {e}") from None
-    if not isinstance(raw, dict):
-        raise DfplanError(f"malformed config {path}: not a JSON object")
+    raw = _json_object(path, "config")
     if "dfplan_config" in raw:             # our packed checkpoints nest the model config
         raw = raw["dfplan_config"]
     elif is_hf_config(raw):
@@ -141,17 +136,24 @@ def load_config(model_arg: str) -> Mamba2Config:
     return Mamba2Config.from_dict({**raw, **read_extras(d)}, d.name, str(path))
 
 
+def _json_object(path: Path, what: str = "") -> dict:
+    """A JSON object from `path`, or one error line naming the file."""
+    label = f"{what} {path}" if what else str(path)
+    try:
+        d = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise DfplanError(f"malformed {label}: {e}") from None
+    if not isinstance(d, dict):
+        raise DfplanError(f"malformed {label}: not a JSON object")
+    return d
+
+
 def read_extras(d: Path) -> dict:
     """The EXTRA_FILE beside a mamba_ssm config.json ({} when absent)."""
     path = d / EXTRA_FILE
     if not path.exists():
         return {}
-    try:
-        extra = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise DfplanError(f"malformed {path}: {e}") from None
-    if not isinstance(extra, dict):
-        raise DfplanError(f"malformed {path}: not a JSON object")
+    extra = _json_object(path)
     unknown = sorted(set(extra) - set(EXTRA_FIELDS))
     if unknown:
         warn(f"{path}: ignoring keys dfplan does not understand: {', '.join(unknown)}")
