@@ -11,7 +11,8 @@ Resolution: a key equal to a unit name wins; otherwise the LAST matching fnmatch
 file order) wins, so broad rules go first and exceptions after. Units nothing matches keep
 `default`. A key matching no unit is an error (a typo must not silently keep fp16).
 `model` may carry d_model / n_layer / vocab_size / d_in_proj ... which resolve() checks
-against the config so a plan for one model is refused on another.
+against the config so a plan for one model is refused on another; vocab_size is compared
+after padding (the embedding's rows), so a preset's plan fits its transformers-layout copy.
 """
 from __future__ import annotations
 
@@ -65,6 +66,12 @@ class Plan:
     def check_model(self, cfg: Mamba2Config) -> None:
         diffs = []
         for k, v in self.model.items():
+            if k == "vocab_size":
+                if not _same_vocab_rows(v, cfg):
+                    diffs.append(f"vocab_size={v} in the plan but {cfg.vocab_size} in the model "
+                                 f"({cfg.vocab_padded:,} embedding rows, padded to a multiple of "
+                                 f"{cfg.pad_vocab_size_multiple}, where the plan's would be {_rows(v, cfg)})")
+                continue
             if k in _MODEL_KEYS and getattr(cfg, k) != v:
                 diffs.append(f"{k}={v} in the plan but {getattr(cfg, k)} in the model")
             if k == "attn_layer_idx" and list(cfg.attn_layer_idx) != list(v):
@@ -162,6 +169,26 @@ class Plan:
     def with_(self, **kw) -> "Plan":
         from dataclasses import replace
         return replace(self, **kw)
+
+
+def _same_vocab_rows(plan_vocab, cfg: Mamba2Config) -> bool:
+    """Whether a plan's recorded vocab_size gives the model's embedding / head shapes.
+
+    A plan fixes formats for tensors, whose rows are the vocabulary padded to a multiple
+    (mamba_ssm pads 50,277 to 50,288). A transformers-layout checkpoint stores the padded
+    count as its vocab_size, so the same weights read as 50,277 from a mamba_ssm folder or a
+    preset and as 50,288 from a transformers folder: both have 50,288 rows and take the same
+    plan. The plan's count is padded with the model's multiple; any other difference in rows
+    is another model."""
+    return plan_vocab == cfg.vocab_size or _rows(plan_vocab, cfg) == cfg.vocab_padded
+
+
+def _rows(plan_vocab, cfg: Mamba2Config):
+    """A plan's vocab_size padded with the model's multiple (the value itself if not a count)."""
+    if isinstance(plan_vocab, bool) or not isinstance(plan_vocab, int) or plan_vocab <= 0:
+        return plan_vocab
+    m = cfg.pad_vocab_size_multiple
+    return -(-plan_vocab // m) * m
 
 
 def _check_unit(u: Unit, spec: Spec) -> None:
