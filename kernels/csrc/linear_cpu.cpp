@@ -150,32 +150,49 @@ __attribute__((target("avx2"))) void bin_rows_avx2(const uint8_t* bits, int64_t 
 // AVX-512 VNNI: 8 packed bytes are exactly one __mmask64 over 64 naturally ordered
 // activations (LSB first = mask bit order). The mask becomes 0/1 bytes once per 8 bytes
 // and dpbusd multiplies them with each token's int8 activations.
+// One dpbusd per token and 8 bytes would leave a single accumulator chain per token, and
+// dpbusd's latency (4-5 cycles) would bound decode (TB = 1) at ~8 bytes per 5 cycles, a
+// fraction of memory bandwidth: NA independent accumulators per token keep ~8 chains in
+// flight whatever the token tile (NA * TB >= 8).
 template <int TB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void bin_rows_avx512(
     const uint8_t* bits, int64_t nb, int64_t o0, int64_t o1, const int8_t* xq, int32_t* P,
     int64_t ld_p) {
+  constexpr int NA = (8 + TB - 1) / TB;
   const __m512i one8 = _mm512_set1_epi8(1);
   const int64_t nfull = nb / 8;
   const int64_t nq = (nb + 7) / 8;
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* row = bits + o * nb;
-    __m512i acc[TB];
-    for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_si512();
-    for (int64_t q = 0; q < nq; ++q) {
-      uint64_t w = 0;
-      if (q < nfull)
-        std::memcpy(&w, row + q * 8, 8);
-      else
-        std::memcpy(&w, row + q * 8, nb - q * 8);
-      const __m512i m = _mm512_maskz_mov_epi8(_cvtu64_mask64(w), one8);
-      const int8_t* xb = xq + q * (TB * 64);
+    __m512i acc[TB][NA];
+    for (int t = 0; t < TB; ++t)
+      for (int a = 0; a < NA; ++a) acc[t][a] = _mm512_setzero_si512();
+    int64_t q = 0;
+    for (; q + NA <= nfull; q += NA) {
 #pragma GCC unroll 8
-      for (int t = 0; t < TB; ++t) {
-        const __m512i xv = _mm512_loadu_si512(xb + t * 64);
-        acc[t] = _mm512_dpbusd_epi32(acc[t], m, xv);
+      for (int a = 0; a < NA; ++a) {
+        uint64_t w;
+        std::memcpy(&w, row + (q + a) * 8, 8);
+        const __m512i m = _mm512_maskz_mov_epi8(_cvtu64_mask64(w), one8);
+        const int8_t* xb = xq + (q + a) * (TB * 64);
+#pragma GCC unroll 8
+        for (int t = 0; t < TB; ++t)
+          acc[t][a] = _mm512_dpbusd_epi32(acc[t][a], m, _mm512_loadu_si512(xb + t * 64));
       }
     }
-    for (int t = 0; t < TB; ++t) P[t * ld_p + (o - o0)] = _mm512_reduce_add_epi32(acc[t]);
+    for (; q < nq; ++q) {
+      uint64_t w = 0;
+      std::memcpy(&w, row + q * 8, q < nfull ? 8 : nb - q * 8);
+      const __m512i m = _mm512_maskz_mov_epi8(_cvtu64_mask64(w), one8);
+      const int8_t* xb = xq + q * (TB * 64);
+      for (int t = 0; t < TB; ++t)
+        acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], m, _mm512_loadu_si512(xb + t * 64));
+    }
+    for (int t = 0; t < TB; ++t) {
+      __m512i s = acc[t][0];
+      for (int a = 1; a < NA; ++a) s = _mm512_add_epi32(s, acc[t][a]);
+      P[t * ld_p + (o - o0)] = _mm512_reduce_add_epi32(s);
+    }
   }
 }
 
