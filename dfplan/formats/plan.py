@@ -4,7 +4,13 @@ plan.json schema (version 1):
     {"format": "dfplan-plan", "version": 1,
      "specs": {"backbone.layers.0.mixer.in_proj": "bin+r16", "*.out_proj": "int4", ...},
      "default": "fp16", "model": {...}, "budget_bytes": int|null, "predicted_bytes": int|null,
-     "predicted_kl": float|null, "solver": str|null, "notes": str, "provenance": {...}}
+     "predicted_kl": float|null, "solver": str|null, "notes": str, "provenance": {...},
+     "state_dtype": "fp32"|"bf16"|"fp16", "state_kl": float|null, "state_bytes_per_token": int|null}
+The last three are optional (written only when not the default; a file without them is an
+fp32-state plan): the SSM state precision the runtime decodes with, the mean KL of a long
+generation against the fp32 state measured when it was chosen (runtime/statekl.py), and the
+SSM state bytes read + written per decoded token at batch 1 in that precision. They do not
+change any weight, so hash() leaves them out.
 A spec value is a format name (see formats/specs.py) or {"format": "bin+r16", "init": "zero"}.
 
 Resolution: a key equal to a unit name wins; otherwise the LAST matching fnmatch pattern (in
@@ -32,7 +38,8 @@ PLAN_FORMAT = "dfplan-plan"
 PLAN_VERSION = 1
 _MODEL_KEYS = ("d_model", "n_layer", "vocab_size", "d_intermediate", "tie_embeddings")
 _FIELDS = ("format", "version", "specs", "default", "model", "budget_bytes", "predicted_bytes",
-           "predicted_kl", "solver", "notes", "provenance")
+           "predicted_kl", "solver", "notes", "provenance", "state_dtype", "state_kl", "state_bytes_per_token")
+STATE_DTYPES = ("fp32", "bf16", "fp16")          # SSM state precision while decoding
 
 
 def model_signature(cfg: Mamba2Config) -> dict:
@@ -52,8 +59,13 @@ class Plan:
     solver: str | None = None
     notes: str = ""
     provenance: dict = field(default_factory=dict)
+    state_dtype: str = "fp32"                         # SSM state precision for decoding
+    state_kl: float | None = None                     # its measured mean KL vs the fp32 state
+    state_bytes_per_token: int | None = None          # SSM state read + written per token, batch 1
 
     def __post_init__(self):
+        if self.state_dtype not in STATE_DTYPES:
+            raise DfplanError(f"plan state_dtype {self.state_dtype!r} is not one of {', '.join(STATE_DTYPES)}")
         if not isinstance(self.default, Keep):
             raise DfplanError(f"plan default must be fp32, bf16 or fp16, not {self.default}")
         for k, v in self.specs.items():
@@ -111,7 +123,15 @@ class Plan:
                 "default": self.default.name, "model": dict(self.model),
                 "budget_bytes": self.budget_bytes, "predicted_bytes": self.predicted_bytes,
                 "predicted_kl": self.predicted_kl, "solver": self.solver, "notes": self.notes,
-                "provenance": dict(self.provenance)}
+                "provenance": dict(self.provenance), **self._state_dict()}
+
+    def _state_dict(self) -> dict:
+        """The state fields, only when they say more than the default (older readers keep
+        reading fp32-state plans)."""
+        if self.state_dtype == "fp32" and self.state_kl is None and self.state_bytes_per_token is None:
+            return {}
+        return {"state_dtype": self.state_dtype, "state_kl": self.state_kl,
+                "state_bytes_per_token": self.state_bytes_per_token}
 
     @classmethod
     def from_dict(cls, d: dict, where: str = "plan") -> "Plan":
@@ -137,14 +157,17 @@ class Plan:
                 raise DfplanError(msg if msg.startswith(where) else f"{where}: specs[{k!r}]: {msg}") from None
         default = spec_from_json(d.get("default", "fp16"), where=f"{where}: default")
         for k, typ in (("budget_bytes", int), ("predicted_bytes", int), ("predicted_kl", (int, float)),
-                       ("solver", str), ("notes", str), ("model", dict), ("provenance", dict)):
+                       ("solver", str), ("notes", str), ("model", dict), ("provenance", dict),
+                       ("state_dtype", str), ("state_kl", (int, float)), ("state_bytes_per_token", int)):
             v = d.get(k)
             if v is not None and (not isinstance(v, typ) or isinstance(v, bool)):
                 raise DfplanError(f"{where}: field {k!r} has the wrong type ({type(v).__name__})")
         return cls(specs=specs, default=default, model=d.get("model") or {},
                    budget_bytes=d.get("budget_bytes"), predicted_bytes=d.get("predicted_bytes"),
                    predicted_kl=d.get("predicted_kl"), solver=d.get("solver"),
-                   notes=d.get("notes") or "", provenance=d.get("provenance") or {})
+                   notes=d.get("notes") or "", provenance=d.get("provenance") or {},
+                   state_dtype=_state_dtype(d.get("state_dtype"), where), state_kl=d.get("state_kl"),
+                   state_bytes_per_token=d.get("state_bytes_per_token"))
 
     def to_json(self, path) -> None:
         write_json_atomic(path, self.to_dict())
@@ -169,6 +192,14 @@ class Plan:
     def with_(self, **kw) -> "Plan":
         from dataclasses import replace
         return replace(self, **kw)
+
+
+def _state_dtype(v, where: str) -> str:
+    if v is None:
+        return "fp32"
+    if v not in STATE_DTYPES:
+        raise DfplanError(f"{where}: state_dtype {v!r} is not one of {', '.join(STATE_DTYPES)}")
+    return v
 
 
 def _same_vocab_rows(plan_vocab, cfg: Mamba2Config) -> bool:
