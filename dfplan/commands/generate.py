@@ -19,8 +19,8 @@ import click
 @click.option("--top-p", default=1.0, show_default=True, type=float, help="In (0, 1]; 1 = off.")
 @click.option("--seed", default=None, type=int, help="Sampling seed (reproducible output).")
 @click.option("--stop", multiple=True, help="Stop string (repeatable); not printed.")
-@click.option("--state-dtype", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="SSM state precision while decoding.")
+@click.option("--state-dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="SSM state precision while decoding [the packed artifact plan's, else fp32].")
 @click.option("--no-eos", is_flag=True, help="Do not stop at the end-of-text token.")
 @click.option("--no-stream", is_flag=True, help="Print the text once at the end.")
 @click.option("--device", default=None, help="cpu (default) or cuda.")
@@ -40,5 +40,6 @@ def command(model_arg, prompt, prompt_file, tokenizer, max_new_tokens, temperatu
     if stats:
         click.echo(f"prefill {res['prefill_ms']:.1f} ms ({res['prompt_tokens']} tokens), "
                    f"decode {res['decode_tok_s']:.2f} tok/s ({res['new_tokens']} tokens), "
-                   f"peak RSS {res['peak_rss_bytes'] / 2**20:.1f} MiB, load {res['load_s']:.2f} s", err=True)
+                   f"peak RSS {res['peak_rss_bytes'] / 2**20:.1f} MiB, load {res['load_s']:.2f} s, "
+                   f"SSM state {res['state_dtype']} ({res['state_dtype_from']})", err=True)
         click.echo(json.dumps(res), err=True)

@@ -29,7 +29,7 @@ from ..packed import save_packed as _save
 from ..tokenizer import check_vocab, load_tokenizer
 from ..tokenizer import eos_id as tokenizer_eos_id
 from .cudagraph import graph_step_factory
-from .decode import DecodeResult, DecodeStats, decode, state_dtype_of
+from .decode import STATE_DTYPES, DecodeResult, DecodeStats, decode, state_dtype_of
 from .leanstep import lean_step_factory
 from .sampling import Sampling
 from .textgen import TextTracker, encode_prompts, stream_in_thread
@@ -51,6 +51,7 @@ class Model:
         self.tokenizer = tokenizer
         self.source = source
         self.state_dtype = state_dtype_of(state_dtype)
+        self.state_dtype_origin = "argument"      # or "plan" / "default", set by load()
         self.cuda_graph = cuda_graph
         self.lean_step = True       # CPU: LeanStep (runtime/leanstep.py) where it applies
         self.prefill_chunk = int(prefill_chunk)
@@ -77,6 +78,11 @@ class Model:
     @property
     def device(self) -> torch.device:
         return self.module.backbone.norm_f.weight.device
+
+    @property
+    def state_dtype_name(self) -> str:
+        """"fp32" / "bf16" / "fp16": the SSM state precision generate() decodes with."""
+        return {v: k for k, v in STATE_DTYPES.items()}[self.state_dtype]
 
     @property
     def plan(self):
@@ -258,14 +264,17 @@ def _estimate_bytes(path_or_id: str, dtype: torch.dtype | None) -> int | None:
 
 
 def load(path_or_id, *, tokenizer=None, dtype: torch.dtype | None = None, device=None,
-         seed: int = 0, verify: bool = True, state_dtype="fp32", cuda_graph: bool = True,
+         seed: int = 0, verify: bool = True, state_dtype=None, cuda_graph: bool = True,
          prefill_chunk: int = 2048) -> Model:
     """Load a packed artifact dir, a mamba_ssm / transformers checkpoint dir, a hub id
     (online, via huggingface_hub) or `preset:NAME` (random init from `seed`).
 
     tokenizer: a tokenizer.json path / folder / hub id overriding (or supplying) the model's.
-    state_dtype: SSM state precision during decoding: "fp32" (default), "bf16" or "fp16".
+    state_dtype: SSM state precision during decoding: "fp32", "bf16" or "fp16"; None (default):
+    the one a packed artifact's plan records (`dfplan search --state-dtype`), else fp32.
     """
+    if state_dtype is not None:
+        state_dtype_of(state_dtype)                          # a bad value fails before loading
 
     src = os.fspath(path_or_id)
     need = _estimate_bytes(src, dtype)
@@ -284,8 +293,15 @@ def load(path_or_id, *, tokenizer=None, dtype: torch.dtype | None = None, device
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else tokenizer
         check_vocab(tok, module.config)
-    return Model(module, tok, source=src, state_dtype=state_dtype, cuda_graph=cuda_graph,
-                 prefill_chunk=prefill_chunk)
+    plan = getattr(module, "dfplan_plan", None)
+    origin = "argument"
+    if state_dtype is None:
+        planned = getattr(plan, "state_dtype", "fp32")
+        state_dtype, origin = planned, ("plan" if planned != "fp32" else "default")
+    m = Model(module, tok, source=src, state_dtype=state_dtype, cuda_graph=cuda_graph,
+              prefill_chunk=prefill_chunk)
+    m.state_dtype_origin = origin
+    return m
 
 
 def _module(model):

@@ -38,6 +38,15 @@ def state_dtype_of(name) -> torch.dtype:
     return STATE_DTYPES[name]
 
 
+def state_bytes(cfg, state_dtype=torch.float32) -> dict:
+    """Bytes of recurrent state one batch-1 decode step reads and writes: the SSM state in
+    `state_dtype` (read and written every token) and the conv windows (always fp32)."""
+    n_mamba = cfg.n_layer - len(cfg.attn_layer_idx)
+    ssm = n_mamba * cfg.nheads * cfg.headdim * cfg.d_state * torch.finfo(state_dtype_of(state_dtype)).bits // 8
+    conv = n_mamba * cfg.conv_dim * cfg.d_conv * 4
+    return {"ssm_state_rw": 2 * ssm, "conv_state_rw": 2 * conv}
+
+
 @dataclass
 class DecodeStats:
     prompt_tokens: int = 0

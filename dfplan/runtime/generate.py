@@ -45,9 +45,10 @@ def check_tokenizer_available(model_arg: str, tokenizer: str | None) -> None:
 def generate_to(out: TextIO, model_arg: str, prompt: str, *, tokenizer: str | None = None,
                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0,
                 top_p: float = 1.0, seed: int | None = None, stop: tuple[str, ...] = (),
-                state_dtype: str = "fp32", stream: bool = True, device: str | None = None,
+                state_dtype: str | None = None, stream: bool = True, device: str | None = None,
                 eos: bool = True) -> dict:
-    """Write the generated text to `out` (piece by piece when streaming); returns stats."""
+    """Write the generated text to `out` (piece by piece when streaming); returns stats.
+    state_dtype None: the packed artifact plan's SSM state precision, else fp32."""
     if isinstance(max_new_tokens, bool) or max_new_tokens <= 0:
         raise DfplanError(f"--max-new-tokens must be a positive integer, got {max_new_tokens}")
     Sampling(temperature, top_k, top_p)                       # bad options fail before loading
@@ -66,5 +67,6 @@ def generate_to(out: TextIO, model_arg: str, prompt: str, *, tokenizer: str | No
     out.write("\n")
     out.flush()
     st = m.last_stats
-    return {"model": model_arg, "load_s": load_s, **st.to_json(), "state_dtype": state_dtype,
+    return {"model": model_arg, "load_s": load_s, **st.to_json(), "state_dtype": m.state_dtype_name,
+            "state_dtype_from": m.state_dtype_origin,
             "peak_rss_bytes": peak_rss_bytes()}

@@ -16,7 +16,7 @@ import torch
 
 from ..formats.modules import CompressedModule
 from .api import load
-from .decode import prefill, state_dtype_of
+from .decode import prefill, state_bytes, state_dtype_of
 from .generate import peak_rss_bytes
 from .leanstep import LeanStep, lean_ok
 
@@ -35,12 +35,8 @@ def step_bytes(model, state_dtype=torch.float32) -> dict:
     emb_bytes = (sum(t.numel() * t.element_size() for t in emb.payload().values())
                  if isinstance(emb, CompressedModule) else emb.weight.numel() * emb.weight.element_size())
     head = emb_bytes if model.lm_head is None else 0
-    cfg = model.config
-    n_mamba = cfg.n_layer - len(cfg.attn_layer_idx)
-    ssm = n_mamba * cfg.nheads * cfg.headdim * cfg.d_state * torch.finfo(state_dtype).bits // 8
-    conv = n_mamba * cfg.conv_dim * cfg.d_conv * 4
-    return {"weights": weights + head, "ssm_state_rw": 2 * ssm, "conv_state_rw": 2 * conv,
-            "total": weights + head + 2 * ssm + 2 * conv}
+    st = state_bytes(model.config, state_dtype)
+    return {"weights": weights + head, **st, "total": weights + head + st["ssm_state_rw"] + st["conv_state_rw"]}
 
 
 class _Timer:
@@ -122,10 +118,12 @@ def profile_decode(model, prompt_len: int = 100, new_tokens: int = 128, seed: in
 
 
 def decode_benchmark(model_arg: str, threads: int = 1, prompt_len: int = 100, new_tokens: int = 128,
-                     state_dtype: str = "fp32", repeats: int = 3, seed: int = 0) -> dict:
-    """Prefill ms and decode tok/s of Model.generate (best of `repeats`), then a profile."""
+                     state_dtype: str | None = None, repeats: int = 3, seed: int = 0) -> dict:
+    """Prefill ms and decode tok/s of Model.generate (best of `repeats`), then a profile.
+    state_dtype None: the artifact plan's state precision, else fp32."""
     torch.set_num_threads(threads)
     m = load(model_arg, state_dtype=state_dtype)
+    state_dtype = m.state_dtype_name
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, m.config.vocab_size, (1, prompt_len), generator=g)
     m.generate(ids, 4, eos=False)                                   # warm-up (lazy unpacking)
@@ -137,7 +135,7 @@ def decode_benchmark(model_arg: str, threads: int = 1, prompt_len: int = 100, ne
             "decode_tok_s": max(r["decode_tok_s"] for r in runs)}
     prof = profile_decode(m.module, prompt_len, min(new_tokens, 32), seed, state_dtype_of(state_dtype))
     return {"model": model_arg, "threads": threads, "prompt_len": prompt_len, "new_tokens": new_tokens,
-            "state_dtype": state_dtype, **best, "runs": runs, "peak_rss_bytes": peak_rss_bytes(),
+            "state_dtype": state_dtype, "state_dtype_from": m.state_dtype_origin, **best, "runs": runs, "peak_rss_bytes": peak_rss_bytes(),
             "payload_bytes": getattr(m.module, "dfplan_manifest", {}).get("payload_bytes"),
             "profile": prof}
 
@@ -145,14 +143,18 @@ def decode_benchmark(model_arg: str, threads: int = 1, prompt_len: int = 100, ne
 if __name__ == "__main__":
     import argparse
     import json
+    import sys
 
     ap = argparse.ArgumentParser(description="Decode benchmark + per-component profile of one model.")
     ap.add_argument("--model", required=True)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-len", type=int, default=100)
     ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--state-dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    ap.add_argument("--state-dtype", default=None, choices=["fp32", "bf16", "fp16"],
+                    help="SSM state precision (default: the artifact plan's, else fp32)")
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
-    print(json.dumps(decode_benchmark(a.model, a.threads, a.prompt_len, a.new_tokens, a.state_dtype,
-                                      a.repeats), indent=1))
+    res = decode_benchmark(a.model, a.threads, a.prompt_len, a.new_tokens, a.state_dtype, a.repeats)
+    print(f"SSM state {res['state_dtype']} ({res['state_dtype_from']}), "
+          f"{res['profile']['bytes_per_step']['ssm_state_rw']:,} state bytes/token", file=sys.stderr)
+    print(json.dumps(res, indent=1))
