@@ -48,15 +48,21 @@ _LAYOUT_HELP = "Built-in layout: " + "; ".join(f"{k} = {v}" for k, v in describe
 def command(model_arg, plan_path, layout, as_json):
     check_model_arg(model_arg)
     from ..formats.size import dfssm_comparison, format_table
+    from ..runtime.decode import state_bytes
 
     cfg, report, source = size_report(model_arg, plan_path, layout)
+    plan, _ = choose_plan(cfg, model_arg, plan_path, layout)
+    state = {"state_dtype": plan.state_dtype, **state_bytes(cfg, plan.state_dtype)}
     if as_json:
-        click.echo(json.dumps({"model": cfg.name, "plan": source, **report.to_json()}, indent=1))
+        click.echo(json.dumps({"model": cfg.name, "plan": source, **report.to_json(), "decode_state": state},
+                              indent=1))
         return
     click.echo(f"{cfg.name}: {source}")
     click.echo(format_table(report))
     click.echo(f"total {report.total_bytes:,} bytes = {report.total_bytes / 1e6:,.2f} MB "
                f"({report.total_bytes / 2**20:,.2f} MiB); MB = 10^6 bytes; safetensors header not included")
+    click.echo(f"decoding also reads and writes per token (batch 1, not in the total): SSM state in "
+               f"{state['state_dtype']} {state['ssm_state_rw']:,} bytes, conv windows {state['conv_state_rw']:,} bytes")
     if layout == "dfssm" and _is_paper_model(cfg):
         click.echo("\nagainst the DF-SSM paper's breakdown:")
         click.echo(dfssm_comparison(report))
