@@ -10,7 +10,8 @@ Steps, each refusing bad input before anything is written:
   5. Optuna (TPE / NSGA-II) when asked, resuming its study in the run directory;
   6. the chosen plan: the MILP optimum for the predicted objective (Optuna can only tie it),
      the best measured feasible trial for the measured objective;
-  7. plan.json (atomic), plan.md, pareto.csv.
+  7. the SSM state precision (planner/statedtype.py): fixed, or measured on the model (auto);
+  8. plan.json (atomic), plan.md, pareto.csv.
 """
 from __future__ import annotations
 
@@ -35,6 +36,7 @@ from .optuna_search import SAMPLERS, redact_url, run_search
 from .prior import NOTE as PRIOR_NOTE
 from .prior import prior_surrogate
 from .space import build_space
+from .statedtype import DEFAULT_KL_MAX, check_state_options, choose_state_dtype
 from .summary import render_summary, write_front_csv
 from .surrogate import fit_correction, load_surrogate, tracking
 from .uniform import uniform_allocations
@@ -65,6 +67,10 @@ class SearchOptions:
     time_limit: float = 120.0
     progress: bool = True
     argv: tuple = field(default_factory=tuple)
+    state_dtype: str = "fp32"           # fp32 | bf16 | fp16 | auto (measured on the model)
+    state_kl_max: float = DEFAULT_KL_MAX
+    state_tokens: int = 512
+    state_prompt_len: int = 64
 
 
 def _validate(o: SearchOptions) -> int:
@@ -77,6 +83,7 @@ def _validate(o: SearchOptions) -> int:
         raise DfplanError(f"--trials must be >= 0, got {o.trials}")
     if o.validate < 0:
         raise DfplanError(f"--validate must be >= 0, got {o.validate}")
+    check_state_options(o.state_dtype, o.state_kl_max, o.state_tokens, o.state_prompt_len)
     for flag, on in (("--objective measured", o.objective == "measured"), ("--validate", o.validate > 0)):
         if on and o.random_init:
             raise DfplanError(f"{flag} needs trained weights; drop --random-init")
@@ -239,6 +246,12 @@ def search(o: SearchOptions, say=print) -> Plan:
 
     sur, corr_info = _corrected(sur, runs, validation)
 
+    # one more axis, beside the weights: the SSM state precision (no weight bytes, no budget)
+    state = choose_state_dtype(cfg, o.state_dtype, model_arg=o.model, random_init=o.random_init,
+                               corpus=o.corpus, tokenizer=o.tokenizer, kl_max=o.state_kl_max,
+                               tokens=o.state_tokens, prompt_len=o.state_prompt_len, seed=o.seed,
+                               progress=o.progress, say=say)
+
     nbytes = space.total_bytes(chosen)
     assert nbytes <= budget
     notes = [f"{solver_used} plan for {format_bytes(budget)} on {cfg.name}, objective {o.objective} KL"]
@@ -258,16 +271,20 @@ def search(o: SearchOptions, say=print) -> Plan:
         "space": {"units": len(space.units), "choices": sum(len(u.specs) for u in space.units),
                   "fixed_bytes": space.fixed_bytes, "min_bytes": space.min_bytes, "max_bytes": space.max_bytes},
         "uniform": [{"name": u.name, "bytes": u.total_bytes, "predicted_kl": u.predicted_kl} for u in uniforms],
+        "state": state["provenance"],
         "git_commit": git_commit(), "versions": library_versions("optuna", "scipy"), "seed": o.seed,
         "wall_s": round(time.perf_counter() - t0, 3),
     }
     plan = space.to_plan(chosen, budget_bytes=budget, predicted_kl=float(sur.predict(chosen)),
                          solver=solver_used, notes="; ".join(notes), provenance=prov)
+    plan = plan.with_(state_dtype=state["state_dtype"], state_kl=state["state_kl"],
+                      state_bytes_per_token=state["state_bytes_per_token"])
     out.mkdir(parents=True, exist_ok=True)
     plan.to_json(out / "plan.json")
     write_front_csv(out / "pareto.csv", front, sur)
     write_text_atomic(out / "plan.md", render_summary(plan, space, sur, milp, front, uniforms, runs, budget,
                                                       evaluator_info=measured_info))
     say(f"wrote {out / 'plan.json'}: {format_bytes(nbytes)}, predicted KL {plan.predicted_kl:.6g}"
-        + (f", measured KL {chosen_kl_measured:.6g}" if chosen_kl_measured is not None else ""))
+        + (f", measured KL {chosen_kl_measured:.6g}" if chosen_kl_measured is not None else "")
+        + f", SSM state {plan.state_dtype}")
     return plan

@@ -28,6 +28,36 @@ def _mb(n: int) -> str:
     return f"{n / 1e6:,.3f}"
 
 
+def _state_line(plan) -> str:
+    s = plan.state_dtype
+    if plan.state_bytes_per_token is not None:
+        s += f", {plan.state_bytes_per_token:,} bytes/token read + written"
+    if plan.state_kl is not None and plan.state_dtype != "fp32":
+        s += f", KL vs fp32 state {plan.state_kl:.3g}"
+    return s
+
+
+def _state_section(plan) -> list[str]:
+    """The measured state precisions (search --state-dtype auto) and which one was kept."""
+    st = plan.provenance.get("state") or {}
+    kls, table = st.get("kl") or {}, st.get("bytes_per_token") or {}
+    if not kls:
+        return []
+    rows = [["fp32", f"{table.get('fp32', 0):,}", "0 (reference)", "", "", "yes" if plan.state_dtype == "fp32" else ""]]
+    for d, r in kls.items():
+        rows.append([d, f"{table.get(d, 0):,}", f"{r['kl_mean']:.3g}", f"{r['kl_max']:.3g}", f"{r['top1_agree']:.1%}",
+                     "yes" if plan.state_dtype == d else ""])
+    prompt = st.get("prompt")
+    src = "seeded random ids" if prompt == "random ids" else "held-out text of " + ", ".join(map(str, prompt or []))
+    return ["## SSM state precision", "",
+            f"Greedy generation of {st.get('tokens')} tokens after a {st.get('prompt_tokens')}-token prompt "
+            f"({src}) with the fp32 state, the same tokens fed with the state in each precision; the cheapest "
+            f"precision with mean KL <= {st.get('kl_max'):g} is kept, else fp32. The state does not change the "
+            f"weight bytes or the budget.", "",
+            tabulate(rows, headers=["state", "bytes/token", "mean KL", "max KL", "top-1 agree", "chosen"],
+                     tablefmt="github"), ""]
+
+
 def render_summary(plan, space, sur, milp, front, uniforms, runs, budget: int, evaluator_info=None) -> str:
     prov = plan.provenance
     lines = [f"# Plan for {space.cfg.name} under {format_bytes(budget)}", ""]
@@ -43,7 +73,9 @@ def render_summary(plan, space, sur, milp, front, uniforms, runs, budget: int, e
             ["MILP", f"{milp.status}, gap {milp.gap:.2g}, dual bound {milp.dual_bound:.6g}, {milp.seconds:.2f} s"]]
     if prov.get("measured_kl") is not None:
         head.append(["measured KL (held-out)", f"{prov['measured_kl']:.6g}"])
+    head.append(["SSM state while decoding", _state_line(plan)])
     lines += [tabulate(head, tablefmt="github", headers=["", ""]), ""]
+    lines += _state_section(plan)
 
     # formats per kind
     by_kind: dict[str, Counter] = {}

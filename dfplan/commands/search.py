@@ -18,7 +18,8 @@ def _info(msg: str) -> None:
 @click.command(name="search", help="Choose per-layer formats under a memory budget.\n\n"
                "  dfplan search --budget 300MB            (model, run folder from ./dfplan.toml)\n"
                "  dfplan search --model runs/teacher --budget 300MB --out run\n"
-               "  dfplan search --model preset:mamba2-1.3b --random-init --budget 278MB --out run")
+               "  dfplan search --model preset:mamba2-1.3b --random-init --budget 278MB --out run\n"
+               "  dfplan search --budget 300MB --state-dtype auto   (also choose the SSM state precision)")
 @click.option("--model", "model_arg", default=None,
               help="Checkpoint dir, hub id or preset:NAME (config only; weights only for --objective measured) "
                    "[dfplan.toml's model].")
@@ -36,7 +37,8 @@ def _info(msg: str) -> None:
 @click.option("--storage", default=None,
               help="Optuna RDB URL (default sqlite:///OUT/study.db; e.g. postgresql://user@host/db to share a "
                    "study), or 'memory' for a study that is not kept.")
-@click.option("--corpus", multiple=True, help="Held-out text for --objective measured: file, folder, glob or 'builtin' "
+@click.option("--corpus", multiple=True, help="Held-out text for --objective measured, --validate and --state-dtype auto's prompt: "
+              "file, folder, glob or 'builtin' "
               "[dfplan.toml's corpus].")
 @click.option("--tokenizer", default=None, help="tokenizer.json or hub id (default: the model's own).")
 @click.option("--heldout-windows", default=16, show_default=True, type=click.IntRange(min=1),
@@ -53,14 +55,23 @@ def _info(msg: str) -> None:
 @click.option("--seed", default=0, show_default=True, type=SEED)
 @click.option("--time-limit", default=120.0, show_default=True, type=click.FloatRange(min=1),
               help="Seconds per MILP solve.")
+@click.option("--state-dtype", type=click.Choice(["fp32", "bf16", "fp16", "auto"]), default="fp32", show_default=True,
+              help="SSM state precision recorded in the plan (the runtime decodes with it). auto: measure the "
+                   "KL of bf16 and fp16 states against fp32 on this model (a --corpus prompt, else random ids) "
+                   "and keep the cheapest within --state-kl-max, else fp32.")
+@click.option("--state-kl-max", default=1e-3, show_default=True, type=click.FloatRange(min=0),
+              help="auto: largest mean KL (nats/token) vs the fp32 state a low-precision state may cost.")
+@click.option("--state-tokens", default=512, show_default=True, type=click.IntRange(min=2),
+              help="auto: generated positions the state KL is averaged over.")
 @click.option("--force", is_flag=True, help="Write into a non-empty --out that is not this model's run folder.")
 def command(model_arg, budget, out, sensitivity, solver, trials, objective, storage, corpus, tokenizer,
-            heldout_windows, seq_len, validate, random_init, prior, front_points, seed, time_limit, force):
+            heldout_windows, seq_len, validate, random_init, prior, front_points, seed, time_limit,
+            state_dtype, state_kl_max, state_tokens, force):
     # everything a user can get wrong is checked here, before torch or a model is loaded
     model_arg = default(model_arg, "model", "--model", "search")
     out_given = out is not None
     out = default(out, "run", "--out", "search")
-    if objective == "measured" or validate:
+    if objective == "measured" or validate or state_dtype == "auto":
         corpus = default(corpus, "corpus", "--corpus", "search", required=False)
     if not (random_init or prior or out_given):      # an explicit --out keeps OUT/sensitivity.csv
         sensitivity = default(sensitivity, "sensitivity", "--sensitivity", "search", required=False)
@@ -73,6 +84,7 @@ def command(model_arg, budget, out, sensitivity, solver, trials, objective, stor
                          tokenizer=tokenizer, random_init=random_init, prior=prior, seed=seed,
                          front_points=front_points, heldout_windows=heldout_windows, seq_len=seq_len,
                          validate=validate, time_limit=time_limit, progress=sys.stderr.isatty(),
+                         state_dtype=state_dtype, state_kl_max=state_kl_max, state_tokens=state_tokens,
                          argv=tuple(sys.argv[1:])),
            say=_info)
     record_run(claim, "search")
