@@ -48,7 +48,10 @@ def _state_section(plan) -> list[str]:
         rows.append([d, f"{table.get(d, 0):,}", f"{r['kl_mean']:.3g}", f"{r['kl_max']:.3g}", f"{r['top1_agree']:.1%}",
                      "yes" if plan.state_dtype == d else ""])
     prompt = st.get("prompt")
-    src = "seeded random ids" if prompt == "random ids" else "held-out text of " + ", ".join(map(str, prompt or []))
+    files = [str(f) for f in prompt or []] if prompt != "random ids" else []
+    src = ("seeded random ids" if prompt == "random ids" else
+           f"held-out text of {files[0]}" if len(files) == 1 else
+           f"held-out text of {len(files)} corpus files, e.g. {files[0]}" if files else "unrecorded")
     return ["## SSM state precision", "",
             f"Greedy generation of {st.get('tokens')} tokens after a {st.get('prompt_tokens')}-token prompt "
             f"({src}) with the fp32 state, the same tokens fed with the state in each precision; the cheapest "
