@@ -28,7 +28,7 @@ _CSRC = Path(__file__).parent / "csrc"
 _SOURCES = [_CSRC / "linear_cpu.cpp", _CSRC / "int8_cpu.cpp", _CSRC / "step_cpu.cpp"]
 _HEADERS = [_CSRC / "cpu_common.h"]
 # No -march: the wide paths use function-level target attributes (see the source).
-_CFLAGS = ["-O3", "-fno-math-errno"]
+_CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]
 _NAME = "dfplan_kernels_cpu"
 
 _lock = threading.Lock()

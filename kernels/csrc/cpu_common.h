@@ -45,6 +45,17 @@ inline int64_t resolve_isa(int64_t isa) {
 
 inline int64_t round_up(int64_t a, int64_t m) { return (a + m - 1) / m * m; }
 
+// Software prefetch of the weight stream. The rows of a matrix are one long sequential
+// read, but at decode (one token) the kernels do so little work per byte that the hardware
+// prefetcher alone leaves DRAM idle between requests (1-bit in_proj: 10 GB/s streamed from
+// DRAM against 18 GB/s from cache): each row asks for the bytes kPrefetch ahead of it.
+// A prefetch is a hint: past the end of the tensor it is dropped, never a fault.
+constexpr int64_t kPrefetch = 4096;
+inline void prefetch_ahead(const void* row, int64_t n) {
+  const char* p = static_cast<const char*>(row) + kPrefetch;
+  for (int64_t i = 0; i < n; i += 64) _mm_prefetch(p + i, _MM_HINT_T0);
+}
+
 // ---------------------------------------------------------------------------------------
 // Activation quantization (portable; O(tokens * in), small next to the weight pass).
 // Must match kernels/ref.py quantize_activations_ref bit for bit.

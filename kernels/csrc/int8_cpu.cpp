@@ -13,6 +13,7 @@ void i8_rows_portable(const int8_t* w, int64_t in, int64_t o0, int64_t o1, int t
                       const int8_t* xq, int64_t ld_x, int32_t* P, int64_t ld_p) {
   for (int64_t o = o0; o < o1; ++o) {
     const int8_t* row = w + o * in;
+    prefetch_ahead(row, in);
     for (int t = 0; t < tb; ++t) {
       const int8_t* xt = xq + t * ld_x;
       int32_t s = 0;
@@ -34,6 +35,7 @@ __attribute__((target("avx2"))) void i8_rows_avx2(const int8_t* w, int64_t in, i
   alignas(32) int8_t tail[32];
   for (int64_t o = o0; o < o1; ++o) {
     const int8_t* row = w + o * in;
+    prefetch_ahead(row, in);
     __m256i acc[TB];
     for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_si256();
     for (int64_t blk = 0; blk < nblk; ++blk) {
@@ -60,31 +62,52 @@ __attribute__((target("avx2"))) void i8_rows_avx2(const int8_t* w, int64_t in, i
 
 // AVX-512 VNNI: dpbusd wants unsigned x, so feed xu = xq + 128 and subtract 128 * sum(w),
 // whose dpbusd against ones is shared by the token tile. xu is padded with anything:
-// the padded weights are zero.
+// the padded weights are zero. At small batch NA accumulators per token (NA * TB >= 8)
+// keep enough dpbusd chains in flight to hide its latency (see the 1-bit path).
 template <int TB>
 __attribute__((target("avx512f,avx512bw,avx512vnni"))) void i8_rows_avx512(
     const int8_t* w, int64_t in, int64_t o0, int64_t o1, const uint8_t* xu, int64_t ld_x,
     int32_t* P, int64_t ld_p) {
+  constexpr int NA = (8 + TB - 1) / TB;
   const __m512i one8 = _mm512_set1_epi8(1);
+  const int64_t nfull = in / 64;
   const int64_t nblk = (in + 63) / 64;
   for (int64_t o = o0; o < o1; ++o) {
     const int8_t* row = w + o * in;
-    __m512i acc[TB];
-    __m512i rs = _mm512_setzero_si512();
-    for (int t = 0; t < TB; ++t) acc[t] = _mm512_setzero_si512();
-    for (int64_t blk = 0; blk < nblk; ++blk) {
+    prefetch_ahead(row, in);
+    __m512i acc[TB][NA];
+    __m512i rs[NA];
+    for (int a = 0; a < NA; ++a) {
+      rs[a] = _mm512_setzero_si512();
+      for (int t = 0; t < TB; ++t) acc[t][a] = _mm512_setzero_si512();
+    }
+    int64_t blk = 0;
+    for (; blk + NA <= nfull; blk += NA) {
+#pragma GCC unroll 8
+      for (int a = 0; a < NA; ++a) {
+        const __m512i wv = _mm512_loadu_si512(row + (blk + a) * 64);
+        rs[a] = _mm512_dpbusd_epi32(rs[a], one8, wv);
+#pragma GCC unroll 8
+        for (int t = 0; t < TB; ++t)
+          acc[t][a] = _mm512_dpbusd_epi32(
+              acc[t][a], _mm512_loadu_si512(xu + t * ld_x + (blk + a) * 64), wv);
+      }
+    }
+    for (; blk < nblk; ++blk) {
       const int64_t rem = in - blk * 64;
       const __mmask64 lm = rem >= 64 ? ~__mmask64(0) : ((__mmask64(1) << rem) - 1);
       const __m512i wv = _mm512_maskz_loadu_epi8(lm, row + blk * 64);
-      rs = _mm512_dpbusd_epi32(rs, one8, wv);
-#pragma GCC unroll 8
-      for (int t = 0; t < TB; ++t) {
-        const __m512i xv = _mm512_loadu_si512(xu + t * ld_x + blk * 64);
-        acc[t] = _mm512_dpbusd_epi32(acc[t], xv, wv);
-      }
+      rs[0] = _mm512_dpbusd_epi32(rs[0], one8, wv);
+      for (int t = 0; t < TB; ++t)
+        acc[t][0] = _mm512_dpbusd_epi32(acc[t][0], _mm512_loadu_si512(xu + t * ld_x + blk * 64), wv);
     }
-    const int32_t r = _mm512_reduce_add_epi32(rs);
-    for (int t = 0; t < TB; ++t) P[t * ld_p + (o - o0)] = _mm512_reduce_add_epi32(acc[t]) - 128 * r;
+    for (int a = 1; a < NA; ++a) rs[0] = _mm512_add_epi32(rs[0], rs[a]);
+    const int32_t r = _mm512_reduce_add_epi32(rs[0]);
+    for (int t = 0; t < TB; ++t) {
+      __m512i s = acc[t][0];
+      for (int a = 1; a < NA; ++a) s = _mm512_add_epi32(s, acc[t][a]);
+      P[t * ld_p + (o - o0)] = _mm512_reduce_add_epi32(s) - 128 * r;
+    }
   }
 }
 

@@ -73,6 +73,7 @@ void bin_rows_portable(const uint8_t* bits, int64_t nb, int64_t o0, int64_t o1, 
                        const int8_t* xq, int32_t* P, int64_t ld_p) {
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* row = bits + o * nb;
+    prefetch_ahead(row, nb);
     for (int t = 0; t < tb; ++t) {
       const int8_t* xt = xq + t * nb * 8;
       int32_t s = 0;
@@ -102,6 +103,7 @@ __attribute__((target("avx2"))) void bin_rows_avx2(const uint8_t* bits, int64_t 
   alignas(32) uint8_t tail[32];
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* row = bits + o * nb;
+    prefetch_ahead(row, nb);
     // int32 totals live in memory (touched every 8 blocks) so the int16 accumulators,
     // the 8 masks and the constants fit the 16 ymm registers.
     alignas(32) int32_t acc32[TB][8] = {};
@@ -164,6 +166,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void bin_rows_avx512(
   const int64_t nq = (nb + 7) / 8;
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* row = bits + o * nb;
+    prefetch_ahead(row, nb);
     __m512i acc[TB][NA];
     for (int t = 0; t < TB; ++t)
       for (int a = 0; a < NA; ++a) acc[t][a] = _mm512_setzero_si512();
