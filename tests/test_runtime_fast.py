@@ -52,17 +52,21 @@ def test_intn_cache_is_built_once_and_follows_in_place_edits(monkeypatch):
 
 @pytest.mark.parametrize("bits", [8, 4])
 def test_int8_head_fbgemm_matches_our_kernel(bits, monkeypatch):
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        pytest.skip("this torch build has no fbgemm")
     emb = IntNEmbedding.from_float(torch.randn(500, 64, generator=G) * 0.02, IntN(bits))
     h = torch.randn(2, 5, 64, generator=G)
+    monkeypatch.setenv("DFPLAN_FBGEMM", "1")           # opt-in
     with torch.no_grad():
         ref = emb.attend_reference(h)
         fast = emb.attend(h)
+        assert emb.head_weights()[0] == "fbgemm"
         monkeypatch.setenv("DFPLAN_FBGEMM", "0")
         emb._fast = None
         ours = emb.attend(h)
     assert _rel(fast, ref) < 2e-2 and _rel(ours, ref) < 2e-2
     # per-row quantization: a row's result does not depend on the rest of the batch
-    monkeypatch.delenv("DFPLAN_FBGEMM")
+    monkeypatch.setenv("DFPLAN_FBGEMM", "1")
     emb._fast = None
     with torch.no_grad():
         assert torch.equal(emb.attend(h[:1, :1]), emb.attend(h)[:1, :1])

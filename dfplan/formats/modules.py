@@ -139,7 +139,7 @@ class IntNLinear(CompressedModule):
     def fast_weights(self):
         """2/3/4-bit codes unpacked once (cached until qweight changes) so that no call
         dequantizes the matrix: row-wise symmetric -> int8 codes for the int8 kernels (on CPU
-        prepacked for fbgemm: same bytes, faster GEMV); grouped or asymmetric -> the
+        prepacked for fbgemm instead when DFPLAN_FBGEMM=1); grouped or asymmetric -> the
         dequantized weight in the compute dtype (4 bytes/weight in fp32)."""
         key = _version_key(self.qweight)
         if self._fast is not None and self._fast[0] == key:
@@ -211,9 +211,9 @@ class IntNEmbedding(CompressedModule):
         return super()._apply(fn, *args, **kw)
 
     def head_weights(self):
-        """The output head's fast weights, built once: on CPU fbgemm's prepacked int8 table
-        (several times faster than our int8 GEMV on a vocab-sized head, for a second copy of
-        the int8 table), else int8 codes for our kernels (unpacked once below 8 bits)."""
+        """The output head's fast weights, built once: int8 codes for our kernels (unpacked
+        once below 8 bits), or with DFPLAN_FBGEMM=1 on CPU fbgemm's prepacked table (as fast
+        on the 1.3B head since our kernel prefetches, for a second copy of the table)."""
         key = _version_key(self.qweight)
         fast = getattr(self, "_fast", None)
         if fast is not None and fast[0] == key:
