@@ -105,7 +105,7 @@ def test_cpu_step_low_precision_state_equals_reference(state_dtype):
     from dfplan.kernels.step_ref import mamba2_step_ref
     if not cpu.available():
         pytest.skip("CPU kernels not built")
-    B, H, P, N, Gr, K = 2, 8, 16, 32, 2, 4
+    B, H, P, N, Gr, K = 2, 8, 16, 40, 2, 4   # N = 32 + 8: vector body and tail
     d_inner = H * P
     conv_dim = d_inner + 2 * Gr * N
     zx = torch.randn(B, d_inner + conv_dim + H, generator=G)
