@@ -7,8 +7,9 @@ case takes one sample, in an order rotated every round, so all variants share wh
 machine is doing. A sample is one P-token prefill plus G greedy decode steps. Warm-up rounds
 first; then rounds continue until every case has >= min_samples AND >= min_time_s of samples
 (or max_samples). Memory bandwidth is measured in the same run (start and end, the higher
-used), giving the bandwidth bound of a decode step (model bytes / bandwidth) and the fraction
-of it each variant reaches.
+used), giving the bandwidth bound of a decode step ((model bytes + the recurrent state read
+and written per sequence) / bandwidth) and the fraction of it each variant reaches; the
+weights-only bound is kept beside it.
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ from .variants import (
     prepare,
     resident_bytes,
     resolve_names,
+    state_rw_bytes,
     unavailable,
 )
 
@@ -105,7 +107,8 @@ class _Inline:
         before = _rss_now()
         self.runner = make_runner(p)
         self.info = {"model_bytes": self.runner.model_bytes, "load_s": time.perf_counter() - t,
-                     "load_rss_bytes": _rss_now() - before}
+                     "load_rss_bytes": _rss_now() - before,
+                     "state_rw_bytes": getattr(self.runner, "state_rw_bytes", None)}
 
     def sample(self, *args):
         return self.runner.sample(*args)
@@ -126,7 +129,8 @@ def _worker(conn, p: Prepared):
         t = time.perf_counter()
         runner = make_runner(p)
         conn.send(("ok", {"model_bytes": runner.model_bytes, "load_s": time.perf_counter() - t,
-                          "base_rss_bytes": base, "load_rss_bytes": _rss_now() - base}))
+                          "base_rss_bytes": base, "load_rss_bytes": _rss_now() - base,
+                          "state_rw_bytes": getattr(runner, "state_rw_bytes", None)}))
         while True:
             msg = conn.recv()
             if msg[0] == "sample":
@@ -283,11 +287,13 @@ def run_e2e(cfg: E2EConfig, log=print) -> dict:
         m = mem.get(name, {})
         peak = m.get("peak_rss_bytes")
         entry = {"status": "ok", "description": _desc(name), **w.info, **m,
+                 "state_rw_bytes": w.info.get("state_rw_bytes") or state_rw_bytes(VARIANTS[name], mcfg),
                  "estimated_resident_bytes": need.get(name),
                  "peak_rss_over_base_bytes": (peak - m["base_rss_bytes"]) if peak and m.get("base_rss_bytes") else None,
                  "cases": {}}
         for batch, case in samples[name].items():
-            entry["cases"][f"b{batch}"] = _case_stats(batch, case, entry["model_bytes"], bw_gbs, cfg.gen_len)
+            entry["cases"][f"b{batch}"] = _case_stats(batch, case, entry["model_bytes"],
+                                                      entry["state_rw_bytes"], bw_gbs, cfg.gen_len)
         out[name] = entry
     schema.note_load(res)
     res["loadavg_after"] = list(os.getloadavg())
@@ -344,39 +350,44 @@ def _interleave(workers: dict, cfg: E2EConfig, out: dict, log, res: dict) -> dic
     return data
 
 
-def _case_stats(batch: int, d: dict, model_bytes: int, bw_gbs: float, G: int) -> dict:
+def _case_stats(batch: int, d: dict, model_bytes: int, state_rw: int, bw_gbs: float, G: int) -> dict:
     if d["skipped"]:
         return {"batch": batch, "status": "skipped", "reason": d["skipped"]}
     per_tok_ms = [s / G * 1e3 for s in d["decode_s"]]
     metrics = {"prefill_ms": schema.metric([s * 1e3 for s in d["prefill_s"]]),
                "decode_ms_per_token": schema.metric(per_tok_ms)}
-    bound_ms = model_bytes / (bw_gbs * 1e9) * 1e3       # every step reads every weight once
+    # every step reads every weight once and each sequence's state once, writing it back
+    weights_ms = model_bytes / (bw_gbs * 1e9) * 1e3
+    bound_ms = (model_bytes + batch * state_rw) / (bw_gbs * 1e9) * 1e3
     med = metrics["decode_ms_per_token"]["median"]
     return {"batch": batch, "status": "ok", "metrics": metrics,
             "decode_tok_s": batch * 1e3 / med,
             "bound_ms_per_token": bound_ms,
-            "frac_bandwidth_bound": bound_ms / med}
+            "frac_bandwidth_bound": bound_ms / med,
+            "weights_bound_ms_per_token": weights_ms,
+            "frac_weights_bound": weights_ms / med}
 
 
 def format_table(res: dict) -> str:
     from tabulate import tabulate
     head = ["variant", "batch", "prefill ms", "decode ms/tok (p10-p90)", "tok/s", "MB", "peak RSS MB",
-            "% bw bound"]
+            "% bw bound", "% weights-only bound"]
     rows = []
     for name, v in res["variants"].items():
         if v["status"] != "ok":
-            rows.append([name, "", v["status"], v.get("reason", ""), "", "", "", ""])
+            rows.append([name, "", v["status"], v.get("reason", ""), "", "", "", "", ""])
             continue
         peak = v.get("peak_gpu_bytes") or v.get("peak_rss_bytes")
         for c in v["cases"].values():
             if c["status"] != "ok":
-                rows.append([name, c["batch"], "skipped", c["reason"], "", "", "", ""])
+                rows.append([name, c["batch"], "skipped", c["reason"], "", "", "", "", ""])
                 continue
             d = c["metrics"]["decode_ms_per_token"]
             rows.append([name, c["batch"], f'{c["metrics"]["prefill_ms"]["median"]:.1f}',
                          f'{d["median"]:.2f} ({d["p10"]:.2f}-{d["p90"]:.2f})', f'{c["decode_tok_s"]:.1f}',
                          f'{v["model_bytes"] / 1e6:.1f}', "" if not peak else f"{peak / 1e6:.0f}",
-                         f'{100 * c["frac_bandwidth_bound"]:.0f}'])
+                         f'{100 * c["frac_bandwidth_bound"]:.0f}',
+                         f'{100 * c.get("frac_weights_bound", c["frac_bandwidth_bound"]):.0f}'])
     bw = res["bandwidth"]
     p = res["params"]
     return "\n".join([tabulate(rows, head, tablefmt="github"), "",

@@ -23,6 +23,7 @@ import torch
 
 from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
+from dfplan.runtime.decode import state_bytes
 
 from .peers import find_llama_cpp, import_llama_cpp
 
@@ -56,6 +57,9 @@ class Variant:
 VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("dfplan-packed", "dfplan packed artifact (--packed, or --plan / --layout applied; "
             "default layout dfssm)", "dfplan-packed"),
+    *[Variant(f"dfplan-packed-state-{sd}", f"dfplan packed artifact decoding with a {sd} SSM state "
+              "(half the state traffic; quality cost: dfplan search --state-dtype auto)",
+              "dfplan-packed", option=f"state={sd}") for sd in ("bf16", "fp16")],
     Variant("dfplan-fp32", "dfplan model, fp32", "dfplan", "fp32"),
     Variant("dfplan-bf16", "dfplan model, bf16", "dfplan", "bf16"),
     Variant("dfplan-fp16", "dfplan model, fp16", "dfplan", "fp16"),
@@ -111,6 +115,15 @@ def unavailable(v: Variant, device: str, cfg: Mamba2Config | None = None) -> str
     if v.kind == "mamba_ssm" and not _has("mamba_ssm"):
         return "mamba-ssm is not installed (pip install 'dfplan[gpu]', needs CUDA)"
     return None
+
+
+def state_rw_bytes(v: Variant, cfg: Mamba2Config, state_dtype: str | None = None) -> int:
+    """Recurrent-state bytes one sequence's decode step reads and writes: the SSM state in
+    the variant's precision (peers keep it in their compute dtype: fp32 on CPU, llama.cpp's
+    too) plus the conv windows."""
+    sd = state_dtype or (v.dtype if v.dtype in ("bf16", "fp16") else "fp32")
+    b = state_bytes(cfg, sd)
+    return b["ssm_state_rw"] + b["conv_state_rw"]
 
 
 def n_params(cfg: Mamba2Config) -> int:
@@ -219,7 +232,8 @@ def _run(cmd: list[str], what: str, tmp: Path) -> None:
 def prepare(v: Variant, src: Sources, device: str, threads: int | None) -> Prepared:
     """Build (or find in the cache) what `v` loads. May raise: the caller marks it failed."""
     if v.kind == "dfplan-packed":
-        return Prepared("dfplan", str(src.packed_dir()), device, threads, "packed")
+        opts = {"state_dtype": v.option.split("=", 1)[1]} if v.option.startswith("state=") else {}
+        return Prepared("dfplan", str(src.packed_dir()), device, threads, "packed", opts)
     if v.kind in ("dfplan", "hf", "mamba_ssm"):
         return Prepared(v.kind, str(src.reference()), device, threads, v.dtype,
                         {"cg": v.option == "cg"})
@@ -260,15 +274,20 @@ def _prompt(batch: int, P: int, vocab: int, seed: int, device: str) -> torch.Ten
 
 
 class DfplanRunner:
-    """dfplan.load + the runtime's chunked prefill and decode step (CUDA graph on a GPU)."""
+    """dfplan.load + the runtime's own chunked prefill and decode step, exactly as
+    `dfplan generate` runs them: LeanStep on CPU, the CUDA graph on a GPU, the SSM state in
+    the artifact plan's precision unless the variant names one."""
 
     def __init__(self, p: Prepared):
         from dfplan.runtime.api import load
         dtype = None if p.dtype == "packed" else DTYPES[p.dtype]
-        self.model = load(p.path, dtype=dtype, device=p.device)
+        self.model = load(p.path, dtype=dtype, device=p.device,
+                          state_dtype=p.options.get("state_dtype"))
         self.module = self.model.module
         self.device = p.device
         self.vocab = self.module.config.vocab_size
+        b = state_bytes(self.module.config, self.model.state_dtype)
+        self.state_rw_bytes = b["ssm_state_rw"] + b["conv_state_rw"]
         if p.dtype == "packed":
             self.model_bytes = int(self.module.dfplan_manifest["payload_bytes"])
         else:
@@ -286,11 +305,9 @@ class DfplanRunner:
     def _cache(self, batch: int):
         # one static cache (and CUDA graph) per batch size, reset in place before each sample
         if batch not in self.caches:
-            cache = self.module.new_cache(batch, device=self.device)
-            step = self.module.step
-            if self.device.startswith("cuda"):
-                from dfplan.runtime.cudagraph import graph_step_factory
-                step = graph_step_factory(self.module, cache, batch)
+            cache = self.module.new_cache(batch, device=self.device, state_dtype=self.model.state_dtype)
+            factory = self.model.step_factory()
+            step = factory(self.module, cache, batch) if factory is not None else self.module.step
             self.caches[batch] = (cache, step)
         cache, step = self.caches[batch]
         for lc in cache.layers:

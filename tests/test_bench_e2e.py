@@ -13,6 +13,7 @@ from dfplan.bench.e2e import E2EConfig, run_e2e
 from dfplan.bench.variants import VARIANTS, unavailable
 from dfplan.cli import main
 from dfplan.errors import DfplanError
+from dfplan.loading import load_config
 
 
 def _result(scale=1.0, rng=None, n=15, model_bytes=1_000_000, rss=4_000_000_000):
@@ -166,7 +167,7 @@ def test_tiny_e2e_runs_end_to_end_on_cpu(tiny_dir, tmp_path, monkeypatch):
     threads = torch.get_num_threads()
     out = tmp_path / "e2e.json"
     rc = main(["bench", "e2e", "--model", str(tiny_dir), "--variants",
-               "dfplan-fp32,dfplan-packed,hf-fp32,llamacpp-q4_0,mamba-ssm-cg",
+               "dfplan-fp32,dfplan-packed,dfplan-packed-state-bf16,hf-fp32,llamacpp-q4_0,mamba-ssm-cg",
                "--prompt-len", "16", "--gen", "4", "--batch", "1,2", "--min-samples", "10",
                "--min-time", "0", "--warmup", "1", "--no-isolate", "--threads", "1",
                "--bandwidth-mib", "16", "--cache-dir", str(tmp_path / "cache"), "--out", str(out)])
@@ -177,7 +178,7 @@ def test_tiny_e2e_runs_end_to_end_on_cpu(tiny_dir, tmp_path, monkeypatch):
     # missing optional peers are skipped with a reason, never an error
     assert v["llamacpp-q4_0"]["status"] == "skipped" and "llama.cpp" in v["llamacpp-q4_0"]["reason"]
     assert v["mamba-ssm-cg"]["status"] == "skipped" and "cuda" in v["mamba-ssm-cg"]["reason"]
-    for name in ("dfplan-fp32", "dfplan-packed", "hf-fp32"):
+    for name in ("dfplan-fp32", "dfplan-packed", "dfplan-packed-state-bf16", "hf-fp32"):
         assert v[name]["status"] == "ok", v[name]
         for b in (1, 2):
             c = v[name]["cases"][f"b{b}"]
@@ -185,9 +186,18 @@ def test_tiny_e2e_runs_end_to_end_on_cpu(tiny_dir, tmp_path, monkeypatch):
             assert d["n"] >= 10 and len(d["samples"]) == d["n"] and d["p10"] <= d["median"] <= d["p90"]
             assert c["decode_tok_s"] == pytest.approx(b * 1e3 / d["median"])
             assert c["frac_bandwidth_bound"] == pytest.approx(c["bound_ms_per_token"] / d["median"])
+            # the bound counts the weights once and each sequence's state read and written
+            bw = res["bandwidth"]["read_gbs"] * 1e9
+            assert c["weights_bound_ms_per_token"] == pytest.approx(v[name]["model_bytes"] / bw * 1e3)
             assert c["bound_ms_per_token"] == pytest.approx(
-                v[name]["model_bytes"] / (res["bandwidth"]["read_gbs"] * 1e9) * 1e3)
+                (v[name]["model_bytes"] + b * v[name]["state_rw_bytes"]) / bw * 1e3)
     assert v["dfplan-fp32"]["model_bytes"] == v["hf-fp32"]["model_bytes"]   # same fp32 weights
+    # fp32 state: 2 x (ssm + conv) x 4 bytes; the bf16-state variant moves half the ssm bytes
+    cfg = load_config(str(tiny_dir))
+    ssm = cfg.n_layer * cfg.nheads * cfg.headdim * cfg.d_state
+    conv = cfg.n_layer * cfg.conv_dim * cfg.d_conv
+    assert v["dfplan-packed"]["state_rw_bytes"] == v["hf-fp32"]["state_rw_bytes"] == 8 * (ssm + conv)
+    assert v["dfplan-packed-state-bf16"]["state_rw_bytes"] == 4 * ssm + 8 * conv
     assert v["dfplan-packed"]["model_bytes"] < v["dfplan-fp32"]["model_bytes"] / 2
     assert res["machine"]["cpu_model"] and res["params"]["prompt_len"] == 16
 
@@ -246,3 +256,14 @@ def test_worker_peak_rss_is_not_the_parents():
         child = pool.apply(_peak_rss)
     del big
     assert parent > 1 << 30 and child < parent - (512 << 20)
+
+
+def test_dfplan_runner_times_the_runtime_step(tiny_dir):
+    """The bench decodes through what `dfplan generate` uses (LeanStep on CPU, the state
+    precision asked for), not a slower or faster private loop."""
+    from dfplan.bench.variants import DfplanRunner, Prepared
+    from dfplan.runtime.leanstep import LeanStep, lean_ok
+    r = DfplanRunner(Prepared("dfplan", str(tiny_dir), "cpu", 1, "fp32", {"state_dtype": "bf16"}))
+    cache, step = r._cache(1)
+    assert lean_ok(r.module) and isinstance(step, LeanStep)
+    assert cache.layers[0]["ssm"].dtype == torch.bfloat16

@@ -114,7 +114,9 @@ class Model:
                               "or --tokenizer on the command line")
         return self.tokenizer
 
-    def _step_fn(self):
+    def step_factory(self):
+        """What decode(step_fn=) gets: builds the step the runtime uses for (model, cache,
+        batch), or None for model.step. The bench times the same step."""
         if self.device.type == "cuda":
             return graph_step_factory if self.cuda_graph else None
         return lean_step_factory if self.lean_step else None
@@ -203,7 +205,7 @@ class Model:
         sd = self.state_dtype if state_dtype is None else state_dtype_of(state_dtype)
         res = decode(self.module, rows, max_new_tokens, sampling, seed=seed, eos_id=eos_id,
                      on_tokens=tracker, state_dtype=sd, prefill_chunk=self.prefill_chunk,
-                     step_fn=self._step_fn())
+                     step_fn=self.step_factory())
         if tracker is not None and stops:
             for i, stopped in enumerate(tracker.stopped):
                 if stopped:     # ids up to and including the token that completed the stop string
