@@ -50,6 +50,26 @@ def kernels(out_dir, model, batches, units, impls, device, budget_s, threads, ba
     click.echo(f"wrote {path}")
 
 
+@command.command(name="decode", help="One model's batch-1 decode speed against its bandwidth bound "
+                 "(bandwidth measured in the same run) and where the time per token goes.")
+@click.option("--model", "model_arg", required=True, help="Packed artifact, checkpoint folder, preset:NAME.")
+@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--prompt-len", default=100, show_default=True, type=click.IntRange(min=1))
+@click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=2))
+@click.option("--state-dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="SSM state precision (default: the artifact plan's, else fp32).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--bandwidth-mib", default=256, show_default=True, type=click.IntRange(16, None))
+@click.option("--out", default=None, type=click.Path(dir_okay=False), help="Result JSON.")
+def decode(model_arg, threads, prompt_len, new_tokens, state_dtype, repeats, bandwidth_mib, out):
+    from ..bench.decode import run_decode_bench, summary, write
+
+    res = run_decode_bench(model_arg, threads, prompt_len, new_tokens, state_dtype, repeats, bandwidth_mib)
+    click.echo(summary(res))
+    if out:
+        click.echo(f"wrote {write(res, out)}")
+
+
 def _fractions(text: str) -> tuple[float, ...]:
     try:
         vals = tuple(float(v) for v in text.split(",") if v.strip())
