@@ -1,6 +1,7 @@
 """`dfplan bench decode`: one model's decode speed as a fraction of its bandwidth bound, with
-the bandwidth measured in the same run (before and after; the higher used), and where the
-time per token goes (dfplan/runtime/profile.py).
+the bandwidth measured in the same run (twice, right after the decode, the higher used: its
+buffers would otherwise count in the decode's peak RSS), and where the time per token goes
+(dfplan/runtime/profile.py).
 
 bound = bytes a batch-1 step moves (weights, the whole int8 head, the SSM state in the chosen
 precision and the conv windows, read and written) / bandwidth. The fraction is given for the
@@ -18,8 +19,8 @@ from .common import memory_bandwidth, metadata, write_results
 
 def run_decode_bench(model: str, threads: int = 1, prompt_len: int = 100, new_tokens: int = 128,
                      state_dtype: str | None = None, repeats: int = 3, bandwidth_mib: int = 256) -> dict:
-    bw0 = memory_bandwidth("cpu", nbytes=bandwidth_mib << 20)
     res = decode_benchmark(model, threads, prompt_len, new_tokens, state_dtype, repeats)
+    bw0 = memory_bandwidth("cpu", nbytes=bandwidth_mib << 20)
     bw1 = memory_bandwidth("cpu", nbytes=bandwidth_mib << 20)
     gbs = max(bw0["read_gbs"], bw1["read_gbs"])
     nbytes = res["profile"]["bytes_per_step"]
