@@ -24,6 +24,7 @@ WORK = [("dfplan.planner.run", "search"), ("dfplan.sensitivity.run", "run_sensit
         ("dfplan.sensitivity.validate", "run_validation"), ("dfplan.distill.run", "run_distill"),
         ("dfplan.zoo", "train_teacher"), ("dfplan.evaluate", "evaluate_model"),
         ("dfplan.commands.demo", "run_demo"), ("dfplan.bench.kernels", "run_kernel_bench"),
+        ("dfplan.bench.decode", "run_decode_bench"),
         ("dfplan.commands.init", "write_project"), ("dfplan.bench.dynamic", "run_dynamic_bench"),
         ("dfplan.harness.tasks", "write_task_yamls")]
 

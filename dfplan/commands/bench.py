@@ -4,8 +4,9 @@ from __future__ import annotations
 import click
 
 from ..errors import DfplanError
-from ..runfolder import check_result_dir
+from ..runfolder import check_result_dir, check_result_file
 from ..sizes import parse_positive_ints
+from ._types import THREADS
 from .bench_e2e import compare as _compare
 from .bench_e2e import e2e as _e2e
 from .bench_e2e import nightly as _nightly
@@ -53,7 +54,7 @@ def kernels(out_dir, model, batches, units, impls, device, budget_s, threads, ba
 @command.command(name="decode", help="One model's batch-1 decode speed against its bandwidth bound "
                  "(bandwidth measured in the same run) and where the time per token goes.")
 @click.option("--model", "model_arg", required=True, help="Packed artifact, checkpoint folder, preset:NAME.")
-@click.option("--threads", default=1, show_default=True, type=click.IntRange(min=1))
+@click.option("--threads", default=1, show_default=True, type=THREADS)
 @click.option("--prompt-len", default=100, show_default=True, type=click.IntRange(min=1))
 @click.option("--new-tokens", default=128, show_default=True, type=click.IntRange(min=2))
 @click.option("--state-dtype", default=None, type=click.Choice(["fp32", "bf16", "fp16"]),
@@ -61,9 +62,12 @@ def kernels(out_dir, model, batches, units, impls, device, budget_s, threads, ba
 @click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
 @click.option("--bandwidth-mib", default=256, show_default=True, type=click.IntRange(16, None))
 @click.option("--out", default=None, type=click.Path(dir_okay=False), help="Result JSON.")
-def decode(model_arg, threads, prompt_len, new_tokens, state_dtype, repeats, bandwidth_mib, out):
+@click.option("--force", is_flag=True, help="Write --out even if it is a file that is not a dfplan result.")
+def decode(model_arg, threads, prompt_len, new_tokens, state_dtype, repeats, bandwidth_mib, out, force):
     from ..bench.decode import run_decode_bench, summary, write
 
+    if out:
+        check_result_file(out, force=force)        # refused before minutes of measuring
     res = run_decode_bench(model_arg, threads, prompt_len, new_tokens, state_dtype, repeats, bandwidth_mib)
     click.echo(summary(res))
     if out:
