@@ -22,3 +22,14 @@ def tiny_cfg():
 def tiny_model(tiny_cfg):
     from dfplan.model import build_model
     return build_model(tiny_cfg, seed=0).eval()
+
+
+@pytest.fixture
+def tiny_dir(tmp_path):
+    """A 64-wide, 2-layer mamba_ssm checkpoint folder (safetensors) for whole-command runs."""
+    from dfplan.config import Mamba2Config
+    from dfplan.loading import save_mamba_ssm
+    from dfplan.model import build_model
+    cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=16,
+                       name="t64")
+    return save_mamba_ssm(build_model(cfg, seed=0).eval(), tmp_path / "t64", safetensors=True)

@@ -5,16 +5,6 @@ import pytest
 import torch
 
 from dfplan.cli import main
-from dfplan.config import Mamba2Config
-from dfplan.loading import save_mamba_ssm
-from dfplan.model import build_model
-
-
-@pytest.fixture
-def tiny_dir(tmp_path):
-    cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=16,
-                       name="t64")
-    return save_mamba_ssm(build_model(cfg, seed=0).eval(), tmp_path / "t64", safetensors=True)
 
 
 def test_decode_bench_fraction_of_same_run_bound(tiny_dir, tmp_path, capsys):

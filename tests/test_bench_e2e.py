@@ -152,15 +152,7 @@ def test_nightly_step_appends_and_summarises(tmp_path):
 
 
 # a real run on a tiny model --------------------------------------------------------------------
-@pytest.fixture
-def tiny_dir(tmp_path):
-    from dfplan.config import Mamba2Config
-    from dfplan.loading import save_mamba_ssm
-    from dfplan.model import build_model
-    cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=16,
-                       name="t64")
-    return save_mamba_ssm(build_model(cfg, seed=0).eval(), tmp_path / "t64", safetensors=True)
-
+# (tiny_dir: tests/conftest.py)
 
 def test_tiny_e2e_runs_end_to_end_on_cpu(tiny_dir, tmp_path, monkeypatch):
     monkeypatch.setenv("DFPLAN_PEERS_DIR", str(tmp_path / "no-peers"))
