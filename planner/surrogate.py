@@ -25,6 +25,7 @@ import numpy as np
 from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
 from dfplan.fileio import sha256_file
+from dfplan.formats.plan import same_vocab_rows
 from dfplan.formats.specs import Keep, Spec, parse_spec
 from dfplan.formats.units import compressible_units
 
@@ -176,8 +177,10 @@ def check_provenance(prov: dict, cfg: Mamba2Config, where: str) -> None:
         rec = m.get("config") if isinstance(m.get("config"), dict) else m
     if not rec:
         return
+    # vocab_size by embedding rows: a preset and its transformers-layout copy (which stores
+    # the padded count) are the same model (dfplan/formats/plan.py same_vocab_rows)
     diffs = [f"{k}={rec[k]} (table) vs {getattr(cfg, k)} (model)" for k in ("d_model", "n_layer", "vocab_size")
-             if k in rec and rec[k] != getattr(cfg, k)]
+             if k in rec and (not same_vocab_rows(rec[k], cfg) if k == "vocab_size" else rec[k] != getattr(cfg, k))]
     if diffs:
         raise DfplanError(f"{where} was measured on another model: " + "; ".join(diffs))
 

@@ -160,6 +160,13 @@ def test_table_from_other_model_is_refused(tmp_path):
     p = write_table(other, tmp_path / "c" / "sensitivity.csv")
     with pytest.raises(DfplanError, match="measured on another model"):
         load_surrogate(p, cfg)
+    # ... but not when it records the padded vocabulary of this model (transformers layout)
+    from dfplan.planner.surrogate import check_provenance
+    padded = -(-cfg.vocab_size // cfg.pad_vocab_size_multiple) * cfg.pad_vocab_size_multiple
+    assert padded != cfg.vocab_size
+    check_provenance({"model_config": {"d_model": cfg.d_model, "vocab_size": padded}}, cfg, "t")
+    with pytest.raises(DfplanError, match="vocab_size"):
+        check_provenance({"model_config": {"vocab_size": padded + cfg.pad_vocab_size_multiple}}, cfg, "t")
     # a table missing units
     rows = [r for r in synth_rows(cfg) if r["unit"] != "backbone.embedding"]
     p = write_table(cfg, tmp_path / "d" / "sensitivity.csv", rows=rows)

@@ -79,7 +79,7 @@ class Plan:
         diffs = []
         for k, v in self.model.items():
             if k == "vocab_size":
-                if not _same_vocab_rows(v, cfg):
+                if not same_vocab_rows(v, cfg):
                     diffs.append(f"vocab_size={v} in the plan but {cfg.vocab_size} in the model "
                                  f"({cfg.vocab_padded:,} embedding rows, padded to a multiple of "
                                  f"{cfg.pad_vocab_size_multiple}, where the plan's would be {_rows(v, cfg)})")
@@ -202,7 +202,7 @@ def _state_dtype(v, where: str) -> str:
     return v
 
 
-def _same_vocab_rows(plan_vocab, cfg: Mamba2Config) -> bool:
+def same_vocab_rows(plan_vocab, cfg: Mamba2Config) -> bool:
     """Whether a plan's recorded vocab_size gives the model's embedding / head shapes.
 
     A plan fixes formats for tensors, whose rows are the vocabulary padded to a multiple
