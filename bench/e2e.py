@@ -108,7 +108,8 @@ class _Inline:
         self.runner = make_runner(p)
         self.info = {"model_bytes": self.runner.model_bytes, "load_s": time.perf_counter() - t,
                      "load_rss_bytes": _rss_now() - before,
-                     "state_rw_bytes": getattr(self.runner, "state_rw_bytes", None)}
+                     "state_rw_bytes": getattr(self.runner, "state_rw_bytes", None),
+                     "state_dtype": getattr(self.runner, "state_dtype", None)}
 
     def sample(self, *args):
         return self.runner.sample(*args)
@@ -130,7 +131,8 @@ def _worker(conn, p: Prepared):
         runner = make_runner(p)
         conn.send(("ok", {"model_bytes": runner.model_bytes, "load_s": time.perf_counter() - t,
                           "base_rss_bytes": base, "load_rss_bytes": _rss_now() - base,
-                          "state_rw_bytes": getattr(runner, "state_rw_bytes", None)}))
+                          "state_rw_bytes": getattr(runner, "state_rw_bytes", None),
+                          "state_dtype": getattr(runner, "state_dtype", None)}))
         while True:
             msg = conn.recv()
             if msg[0] == "sample":

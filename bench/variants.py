@@ -288,6 +288,7 @@ class DfplanRunner:
         self.vocab = self.module.config.vocab_size
         b = state_bytes(self.module.config, self.model.state_dtype)
         self.state_rw_bytes = b["ssm_state_rw"] + b["conv_state_rw"]
+        self.state_dtype = self.model.state_dtype_name        # recorded in the result
         if p.dtype == "packed":
             self.model_bytes = int(self.module.dfplan_manifest["payload_bytes"])
         else:

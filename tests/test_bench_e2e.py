@@ -190,6 +190,7 @@ def test_tiny_e2e_runs_end_to_end_on_cpu(tiny_dir, tmp_path, monkeypatch):
     conv = cfg.n_layer * cfg.conv_dim * cfg.d_conv
     assert v["dfplan-packed"]["state_rw_bytes"] == v["hf-fp32"]["state_rw_bytes"] == 8 * (ssm + conv)
     assert v["dfplan-packed-state-bf16"]["state_rw_bytes"] == 4 * ssm + 8 * conv
+    assert v["dfplan-packed-state-bf16"]["state_dtype"] == "bf16" and v["dfplan-packed"]["state_dtype"] == "fp32"
     assert v["dfplan-packed"]["model_bytes"] < v["dfplan-fp32"]["model_bytes"] / 2
     assert res["machine"]["cpu_model"] and res["params"]["prompt_len"] == 16
 
