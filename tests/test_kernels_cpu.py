@@ -178,3 +178,19 @@ def test_fused_step_matches_reference(isas, ngroups, d_per_channel, gate_first, 
                                 norm_before_gate=gate_first, use_avx2=isa >= 1)
         assert torch.equal(c_k, c_ref)
         assert close(s_k, s_ref, 1e-5) and close(y, ref, 2e-5), f"isa {isa}"
+
+
+def test_kernels_run_on_torchs_threads():
+    """at::parallel_for in the extension must spread over torch's threads (it silently ran
+    on one when the library was built without -fopenmp)."""
+    ext = _ext_or_skip()
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        if torch.get_num_threads() < 2:
+            pytest.skip("this machine gives torch one thread")
+        assert ext.parallel_width(64) == 2
+        torch.set_num_threads(1)
+        assert ext.parallel_width(64) == 1
+    finally:
+        torch.set_num_threads(n)

@@ -20,6 +20,8 @@
 
 #include "cpu_common.h"
 
+#include <atomic>
+
 namespace dfplan_cpu {
 namespace {
 
@@ -483,7 +485,23 @@ torch::Tensor mamba2_step(const torch::Tensor& zxbcdt, torch::Tensor conv_state,
                           bool norm_before_gate, bool use_avx2);
 bool step_has_avx2();
 
+// How many of torch's threads an at::parallel_for in this library really runs on. Built
+// without -fopenmp, ATen's inline parallel_for drops its omp pragma and runs serially
+// whatever torch.set_num_threads says (every kernel here was once single-threaded that way);
+// the test suite checks this returns the thread count.
+int64_t parallel_width(int64_t n) {
+  std::atomic<int> widest{0};
+  at::parallel_for(0, n, 1, [&](int64_t, int64_t) {
+    const int t = at::get_thread_num() + 1;
+    int cur = widest.load();
+    while (t > cur && !widest.compare_exchange_weak(cur, t)) {
+    }
+  });
+  return widest.load();
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("parallel_width", &parallel_width, "threads an at::parallel_for over n items runs on");
   m.def("best_isa", &best_isa, "best instruction-set level: 0 portable, 1 AVX2, 2 AVX-512 VNNI");
   m.def("binary_linear", &binary_linear, "packed 1-bit linear (+ FBI, int8 low-rank, bias)",
         py::arg("x"), py::arg("bits"), py::arg("row_scale"), py::arg("col_scale"),
