@@ -298,47 +298,6 @@ __attribute__((target("avx2,fma"))) void lowrank_rows_avx2(const int8_t* u, int6
     for (int t = 0; t < tb; ++t) C[t * ld_c + (o - o0)] = dot_i8f32_avx2(u + o * r, tv + t * r, r);
 }
 
-// y[o] for rows [o0, o1) of one token: 2 P - qsum scaled, plus the FBI shift, the
-// correction and the bias. Eight rows per step, with the scalar loop's operations in its
-// order (mul then add, no FMA: "avx2" only), so both give the same bits. At batch 1 the
-// scalar loop cost as much as a fifth of the 1-bit GEMV on 1.3B's in_proj.
-struct Epilogue {
-  const float *rs, *usp, *bias;
-  bool has_shift;
-};
-
-void epilogue_portable(const Epilogue& e, const int32_t* P, const float* C, int64_t o0, int64_t o1,
-                       TokenQuant q, float shift, float* yt) {
-  for (int64_t o = o0; o < o1; ++o) {
-    const int32_t acc = 2 * P[o - o0] - q.qsum;
-    float val = float(acc) * (e.rs ? q.scale * e.rs[o] : q.scale);
-    if (e.has_shift) val += shift;
-    if (e.usp) val += e.usp[o] * C[o - o0];
-    if (e.bias) val += e.bias[o];
-    yt[o] = val;
-  }
-}
-
-__attribute__((target("avx2"))) void epilogue_avx2(const Epilogue& e, const int32_t* P, const float* C,
-                                                   int64_t o0, int64_t o1, TokenQuant q, float shift,
-                                                   float* yt) {
-  const __m256i vq = _mm256_set1_epi32(q.qsum);
-  const __m256 vs = _mm256_set1_ps(q.scale), vsh = _mm256_set1_ps(shift);
-  int64_t o = o0;
-  for (; o + 8 <= o1; o += 8) {
-    const int64_t i = o - o0;
-    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + i));
-    const __m256i acc = _mm256_sub_epi32(_mm256_slli_epi32(p, 1), vq);
-    const __m256 sc = e.rs ? _mm256_mul_ps(vs, _mm256_loadu_ps(e.rs + o)) : vs;
-    __m256 val = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), sc);
-    if (e.has_shift) val = _mm256_add_ps(val, vsh);
-    if (e.usp) val = _mm256_add_ps(val, _mm256_mul_ps(_mm256_loadu_ps(e.usp + o), _mm256_loadu_ps(C + i)));
-    if (e.bias) val = _mm256_add_ps(val, _mm256_loadu_ps(e.bias + o));
-    _mm256_storeu_ps(yt + o, val);
-  }
-  epilogue_portable(e, P + (o - o0), C + (o - o0), o, o1, q, shift, yt);
-}
-
 // Adapters for with_tb (cpu_common.h).
 template <int TB> struct BinAvx2 {
   static void run(const uint8_t* b, int64_t nb, int64_t o0, int64_t o1, const int8_t* x,
@@ -455,14 +414,17 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
           else
             lowrank_rows_portable(up, r, o0, o1, tvt, tb, C, kRowTile);
         }
-        const Epilogue ep{rs, corr ? usp : nullptr, bs, csh != nullptr};
         for (int t = 0; t < tb; ++t) {
-          const float sh = csh ? shift[t0 + t] : 0.f;
+          const TokenQuant q = tq[t0 + t];
           float* yt = yp + (t0 + t) * out;
-          if (isa >= kAvx2)
-            epilogue_avx2(ep, P + t * kRowTile, C + t * kRowTile, o0, o1, tq[t0 + t], sh, yt);
-          else
-            epilogue_portable(ep, P + t * kRowTile, C + t * kRowTile, o0, o1, tq[t0 + t], sh, yt);
+          for (int64_t o = o0; o < o1; ++o) {
+            const int32_t acc = 2 * P[t * kRowTile + (o - o0)] - q.qsum;
+            float val = float(acc) * (rs ? q.scale * rs[o] : q.scale);
+            if (csh) val += shift[t0 + t];
+            if (corr) val += usp[o] * C[t * kRowTile + (o - o0)];
+            if (bs) val += bs[o];
+            yt[o] = val;
+          }
         }
       }
     }
