@@ -289,7 +289,7 @@ def run_e2e(cfg: E2EConfig, log=print) -> dict:
         m = mem.get(name, {})
         peak = m.get("peak_rss_bytes")
         entry = {"status": "ok", "description": _desc(name), **w.info, **m,
-                 "state_rw_bytes": w.info.get("state_rw_bytes") or state_rw_bytes(VARIANTS[name], mcfg),
+                 "state_rw_bytes": w.info.get("state_rw_bytes") or state_rw_bytes(mcfg, VARIANTS[name].dtype),
                  "estimated_resident_bytes": need.get(name),
                  "peak_rss_over_base_bytes": (peak - m["base_rss_bytes"]) if peak and m.get("base_rss_bytes") else None,
                  "cases": {}}

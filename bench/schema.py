@@ -29,7 +29,9 @@ from .common import cpu_info
 SCHEMA = "dfplan-bench-result"
 SCHEMA_VERSION = 1
 # bumped whenever what a benchmark times changes (prompt handling, what a sample covers, ...)
-BENCH_VERSIONS = {"e2e": 1, "kernels": 1}
+# e2e 2: dfplan variants time the runtime's own step (LeanStep on CPU), and the bound counts
+# the recurrent state: results of version 1 are not comparable
+BENCH_VERSIONS = {"e2e": 2, "kernels": 1}
 REQUIRED = ("schema", "schema_version", "benchmark", "bench_version", "created_utc", "git",
             "versions", "machine", "params", "variants")
 

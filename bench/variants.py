@@ -117,12 +117,11 @@ def unavailable(v: Variant, device: str, cfg: Mamba2Config | None = None) -> str
     return None
 
 
-def state_rw_bytes(v: Variant, cfg: Mamba2Config, state_dtype: str | None = None) -> int:
+def state_rw_bytes(cfg: Mamba2Config, state_dtype: str = "fp32") -> int:
     """Recurrent-state bytes one sequence's decode step reads and writes: the SSM state in
-    the variant's precision (peers keep it in their compute dtype: fp32 on CPU, llama.cpp's
-    too) plus the conv windows."""
-    sd = state_dtype or (v.dtype if v.dtype in ("bf16", "fp16") else "fp32")
-    b = state_bytes(cfg, sd)
+    `state_dtype` (peers keep it in their compute dtype, Variant.dtype: fp32 on CPU,
+    llama.cpp's too) plus the conv windows."""
+    b = state_bytes(cfg, state_dtype)
     return b["ssm_state_rw"] + b["conv_state_rw"]
 
 
@@ -286,9 +285,8 @@ class DfplanRunner:
         self.module = self.model.module
         self.device = p.device
         self.vocab = self.module.config.vocab_size
-        b = state_bytes(self.module.config, self.model.state_dtype)
-        self.state_rw_bytes = b["ssm_state_rw"] + b["conv_state_rw"]
         self.state_dtype = self.model.state_dtype_name        # recorded in the result
+        self.state_rw_bytes = state_rw_bytes(self.module.config, self.state_dtype)
         if p.dtype == "packed":
             self.model_bytes = int(self.module.dfplan_manifest["payload_bytes"])
         else:
