@@ -5,9 +5,10 @@ activation scale is per tensor, so each token row is passed alone: a row's resul
 depends on the other rows of the batch (batch == one at a time), like our per-token kernel.
 
 Opt-in (DFPLAN_FBGEMM=1): since our int8 kernel prefetches its weight stream and runs on
-torch's threads it is as fast on the 1.3B head (50,288 x 2,048, batch 1, from DRAM: ours
-3.4 / 2.8 ms, fbgemm 4.2 / 2.7 ms on 1 / 2 threads), and the prepacked copy costs as
-many bytes again as the int8 weight (+103 MB resident on 1.3B).
+torch's threads it is about as fast on the 1.3B head (50,288 x 2,048, batch 1, from memory,
+`dfplan bench kernels --model 1.3b --batch 1 --units lm_head`: ours 3.83 / 2.38 ms, fbgemm
+3.52 / 2.89 ms on 1 / 2 threads), and the prepacked copy costs as many bytes again as the
+int8 weight (+103 MB resident on 1.3B).
 """
 from __future__ import annotations
 

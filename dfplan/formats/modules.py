@@ -213,7 +213,7 @@ class IntNEmbedding(CompressedModule):
     def head_weights(self):
         """The output head's fast weights, built once: int8 codes for our kernels (unpacked
         once below 8 bits), or with DFPLAN_FBGEMM=1 on CPU fbgemm's prepacked table (as fast
-        on the 1.3B head since our kernel prefetches, for a second copy of the table)."""
+        on the 1.3B head about as fast as ours, for a second copy of the table)."""
         key = _version_key(self.qweight)
         fast = getattr(self, "_fast", None)
         if fast is not None and fast[0] == key:
