@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import build
-from .packing import pack_signs
+from .packing import ROW_BLOCKS, ROWS, pack_signs, to_row_blocks
 
 ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512-vnni"}
 _CSRC = Path(__file__).parent / "csrc"
@@ -50,7 +50,7 @@ def _build():
 def _self_check(ext, isa: int) -> bool:
     """The chosen path must agree with the portable one on awkward shapes."""
     g = torch.Generator().manual_seed(1234)
-    for tokens, out_f, in_f in ((1, 37, 203), (11, 70, 650), (9, 5, 64)):
+    for tokens, out_f, in_f in ((1, 37, 203), (11, 70, 650), (9, 5, 64), (1, 200, 650)):
         x = torch.randn(tokens, in_f, generator=g)
         bits = pack_signs(torch.randn(out_f, in_f, generator=g))
         rs = torch.rand(out_f, generator=g) + 0.5
@@ -60,6 +60,12 @@ def _self_check(ext, isa: int) -> bool:
         c = ext.int8_linear(x, q, rs, None, isa)
         d = ext.int8_linear(x, q, rs, None, 0)
         if not (torch.equal(a, b) and torch.equal(c, d)):
+            return False
+        # the row-block layout (one-token lookup kernel, or rows rebuilt per block)
+        blocks = to_row_blocks(bits)
+        e = ext.binary_linear(x, blocks, rs, None, None, None, None, None, None, None, in_f, isa,
+                              None, ROW_BLOCKS)
+        if not torch.equal(e, b):
             return False
         # fp32 side terms (FBI shift, low-rank correction) sum in another order: close, not equal
         r = 8 if tokens != 9 else 3
@@ -121,14 +127,16 @@ def build_error() -> str | None:
 
 
 def binary_linear_cpu(x2, bits, row_scale, in_features, col_scale=None, col_shift=None,
-                      u=None, u_scale=None, v=None, v_scale=None, bias=None, isa=None, out=None):
+                      u=None, u_scale=None, v=None, v_scale=None, bias=None, isa=None, out=None,
+                      layout: int = ROWS):
     """x2 (T, in) float32 contiguous -> (T, out) float32. Arguments already validated.
 
-    isa: force an instruction-set level (tests); out: a float32 (T, out) tensor to write into.
+    isa: force an instruction-set level (tests); out: a float32 (T, out) tensor to write into;
+    layout: packing.ROWS, or packing.ROW_BLOCKS for bits from packing.to_row_blocks.
     """
     ext = extension()
     return ext.binary_linear(x2, bits, row_scale, col_scale, col_shift, u, u_scale, v, v_scale,
-                             bias, in_features, _state["isa"] if isa is None else isa, out)
+                             bias, in_features, _state["isa"] if isa is None else isa, out, layout)
 
 
 def int8_linear_cpu(x2, qweight, scale, bias=None, isa=None, out=None):

@@ -18,7 +18,7 @@ import torch
 
 from .errors import KernelError
 from .linear_ref import binary_linear_ref, int8_linear_ref
-from .packing import packed_cols
+from .packing import ROW_BLOCKS, ROWS, from_row_blocks, packed_cols
 from .step_ref import mamba2_step_ref
 
 MODES = ("auto", "ref", "cpu", "triton")
@@ -233,24 +233,31 @@ def _like(y, x):
 
 
 def binary_linear(x, bits, row_scale, in_features, *, col_scale=None, col_shift=None, u=None,
-                  u_scale=None, v=None, v_scale=None, bias=None, backend: str | None = None):
+                  u_scale=None, v=None, v_scale=None, bias=None, backend: str | None = None,
+                  layout: int = ROWS):
     """y = row_scale * (S @ x) [FBI: S @ (col_scale * x) + col_shift . x]
            + (u * u_scale) @ ((v * v_scale) @ x) + bias.
 
     x (..., in) float32/float16/bfloat16 -> y (..., out) in x's dtype. bits (out, ceil(in/8))
-    uint8 in kernels/packing.py layout; u int8 (out, r), v int8 (r, in); scales any float dtype.
-    x may be non-contiguous (it is copied); weights must be contiguous.
+    uint8 in kernels/packing.py layout (`layout` ROWS, or ROW_BLOCKS: the same bytes
+    reordered by packing.to_row_blocks); u int8 (out, r), v int8 (r, in); scales any float
+    dtype. x may be non-contiguous (it is copied); weights must be contiguous.
     """
     check_binary_args(x, bits, row_scale, in_features, col_scale, col_shift, u, u_scale, v,
                       v_scale, bias)
+    if layout not in (ROWS, ROW_BLOCKS):
+        raise KernelError(f"binary_linear: layout must be {ROWS} (rows) or {ROW_BLOCKS} (row blocks), got {layout}")
     kw = dict(col_scale=col_scale, col_shift=col_shift, u=u, u_scale=u_scale, v=v,
               v_scale=v_scale, bias=bias)
     be = select_backend(x, backend)
-    if be == "ref" or _needs_grad(x, row_scale, col_scale, col_shift, u_scale, v_scale, bias):
+    grad = _needs_grad(x, row_scale, col_scale, col_shift, u_scale, v_scale, bias)
+    if layout == ROW_BLOCKS and (be != "cpu" or grad):   # only the C++ kernel reads row blocks
+        bits, layout = from_row_blocks(bits), ROWS
+    if be == "ref" or grad:
         return binary_linear_ref(x, bits, row_scale, in_features, **kw)
     if be == "cpu":
         y = _impl("binary_linear_cpu")(_as_rows(x, in_features, torch.float32), bits, row_scale,
-                                       in_features, **kw)
+                                       in_features, layout=layout, **kw)
     else:
         y = _impl("binary_linear_triton")(_as_rows(x, in_features, None), bits, row_scale,
                                           in_features, **kw)

@@ -7,6 +7,12 @@ Sign matrix S (out, in) with entries +1 / -1 is stored as uint8 `bits` (out, cei
   - an exact zero weight packs as +1 (sign(0) := +1, so no third level appears);
   - padding bits past `in` are 0 and must be ignored by every consumer
     (kernels either mask them or multiply them by zero-padded activations).
+
+The CPU runtime may keep the same bytes in a second order, "row blocks" (ROW_BLOCKS), for the
+one-token lookup kernel (csrc/linear_cpu.cpp): rows in blocks of 64, and inside a block
+column byte j of all its rows together, so byte j of row o0 + r sits at flat offset
+o0 * nb + j * h + r (h = rows in the block: 64, or fewer in the last one). It is an in-memory
+order only: files, state_dicts and every other consumer see the row-major layout above.
 """
 from __future__ import annotations
 
@@ -45,3 +51,30 @@ def unpack_signs(bits: torch.Tensor, in_features: int, dtype=torch.float32) -> t
     b = (bits.unsqueeze(-1) & w).ne(0)  # (out, cols, 8)
     b = b.reshape(bits.shape[0], -1)[:, :in_features]
     return b.to(dtype) * 2 - 1
+
+
+ROWS, ROW_BLOCKS = 0, 1     # layout codes the C++ kernel takes
+BLOCK_ROWS = 64
+
+
+def _blocks(out_f: int):
+    for o0 in range(0, out_f, BLOCK_ROWS):
+        yield o0, min(out_f, o0 + BLOCK_ROWS)
+
+
+def to_row_blocks(bits: torch.Tensor) -> torch.Tensor:
+    """(out, nb) row-major bits -> the same bytes in row-block order (same shape, new tensor)."""
+    out_f, nb = bits.shape
+    flat = torch.empty_like(bits).view(-1)
+    for o0, o1 in _blocks(out_f):
+        flat[o0 * nb:o1 * nb] = bits[o0:o1].t().reshape(-1)          # (nb, h) flattened
+    return flat.view(out_f, nb)
+
+
+def from_row_blocks(bits: torch.Tensor) -> torch.Tensor:
+    """Inverse of to_row_blocks: row-block order -> (out, nb) row-major (new tensor)."""
+    out_f, nb = bits.shape
+    flat, rows = bits.reshape(-1), torch.empty_like(bits)
+    for o0, o1 in _blocks(out_f):
+        rows[o0:o1] = flat[o0 * nb:o1 * nb].view(nb, o1 - o0).t()
+    return rows

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from dfplan.kernels import binary_linear_ref, cpu, int8_linear_ref, quantize_activations_ref
-from dfplan.kernels.packing import pack_signs
+from dfplan.kernels.packing import ROW_BLOCKS, from_row_blocks, pack_signs, to_row_blocks
 
 
 def _ext_or_skip():
@@ -83,6 +83,53 @@ def test_binary_fbi_correction_bias(isas, fbi, rank, bias, tokens, out_f, in_f):
         y = poisoned(tokens, out_f)
         cpu.binary_linear_cpu(args["x"], args["bits"], args["row_scale"], in_f, isa=isa, out=y, **kw)
         assert close(y, ref), f"isa {isa}: max err {(y - ref).abs().max()}"
+
+
+@pytest.mark.parametrize("out_f,nb", [(1, 1), (63, 5), (64, 3), (130, 7), (200, 82)])
+def test_row_blocks_order_and_round_trip(out_f, nb):
+    bits = torch.randint(0, 256, (out_f, nb), dtype=torch.uint8, generator=gen(out_f))
+    blocks = to_row_blocks(bits)
+    assert blocks.shape == bits.shape and torch.equal(from_row_blocks(blocks), bits)
+    flat = blocks.view(-1)
+    for o in {0, out_f // 2, out_f - 1}:       # the offset packing.py documents
+        o0 = o // 64 * 64
+        h = min(64, out_f - o0)
+        for j in {0, nb // 2, nb - 1}:
+            assert flat[o0 * nb + j * h + (o - o0)] == bits[o, j]
+
+
+# one token: the lookup kernel on full 64-row blocks, rows rebuilt for the last partial one;
+# several tokens: rows rebuilt per block. in 8192: 1024 column bytes, many int16 widenings
+@pytest.mark.parametrize("tokens,out_f,in_f", [(1, 64, 64), (1, 200, 650), (1, 128, 2311),
+                                               (1, 7, 9), (1, 300, 2048), (1, 64, 8192),
+                                               (3, 200, 650), (9, 130, 257)])
+@pytest.mark.parametrize("fbi,rank,bias", [(False, 0, False), (True, 16, True), (False, 5, True)])
+def test_row_blocks_layout_equals_rows(isas, tokens, out_f, in_f, fbi, rank, bias):
+    args, kw = binary_case(out_f + in_f + rank, tokens, out_f, in_f, fbi=fbi, rank=rank, bias=bias)
+    x, rs = args["x"], args["row_scale"]
+    blocks = to_row_blocks(args["bits"])
+    ref = binary_linear_ref(x, args["bits"], rs, in_f, act_quant=True, **kw)
+    for isa in isas:
+        want = cpu.binary_linear_cpu(x, args["bits"], rs, in_f, isa=isa, **kw)
+        y = poisoned(tokens, out_f)
+        cpu.binary_linear_cpu(x, blocks, rs, in_f, isa=isa, out=y, layout=ROW_BLOCKS, **kw)
+        assert torch.equal(y, want), f"isa {isa}: max diff {(y - want).abs().max()}"
+        assert close(y, ref), f"isa {isa}: max err {(y - ref).abs().max()}"
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_row_blocks_lookup_sums_cannot_overflow(isas, sign):
+    # every bit set and every activation quantized to +-127 is the largest sum the int16
+    # lanes of the lookup kernel see before they are widened (every 32 column bytes)
+    in_f = 8192
+    bits = torch.full((128, in_f // 8), 255, dtype=torch.uint8)
+    x = torch.full((1, in_f), 3.0 * sign)
+    rs = torch.ones(128)
+    ref = binary_linear_ref(x, bits, rs, in_f, act_quant=True)
+    assert float(ref[0, 0]) == pytest.approx(3.0 * sign * in_f, rel=1e-6)
+    for isa in isas:
+        y = cpu.binary_linear_cpu(x, to_row_blocks(bits), rs, in_f, isa=isa, layout=ROW_BLOCKS)
+        assert close(y, ref), f"isa {isa}: {y[0, :3]} vs {ref[0, :3]}"
 
 
 def test_padding_bits_are_ignored(isas):

@@ -12,7 +12,7 @@ from dfplan.kernels import (
     select_backend,
 )
 from dfplan.kernels.errors import KernelError
-from dfplan.kernels.packing import pack_signs
+from dfplan.kernels.packing import ROW_BLOCKS, pack_signs, to_row_blocks
 
 
 def gen(seed):
@@ -38,6 +38,18 @@ def test_forced_ref_is_the_exact_maths(case, monkeypatch):
     y = call(case)
     assert y.shape == (2, 3, 21)
     assert torch.equal(y, binary_linear_ref(case["x"], case["bits"], case["row_scale"], 45))
+
+
+@pytest.mark.parametrize("mode", ["ref", "auto"])
+def test_row_blocks_give_the_same_result_on_every_backend(case, monkeypatch, mode):
+    # the row-block order is read by the C++ kernel; the other backends get rows back
+    monkeypatch.setenv("DFPLAN_KERNELS", mode)
+    x1 = case["x"][:1, :1]
+    for x in (case["x"], x1):
+        want = call({**case, "x": x})
+        assert torch.equal(call({**case, "x": x}, bits=to_row_blocks(case["bits"]), layout=ROW_BLOCKS), want)
+    with pytest.raises(KernelError, match="layout"):
+        call(case, layout=2)
 
 
 def test_auto_on_cpu_uses_the_cpp_kernel_when_built(case, monkeypatch):

@@ -147,6 +147,27 @@ def test_load_each_format_same_greedy_ids(model, tok, tmp_path, fmt):
     assert torch.equal(got, want)
 
 
+def test_loaded_packed_model_saves_the_bytes_it_loaded(tmp_path, tok):
+    # on CPU the runtime keeps 1-bit weights in another byte order (kernels/packing.py row
+    # blocks); a loaded artifact must still save byte for byte what it was loaded from
+    from dfplan.formats.modules import BinaryLinear
+    from dfplan.kernels import cpu
+    from dfplan.kernels.packing import ROW_BLOCKS
+    src = build_model(CFG, seed=4).eval()
+    dfplan.compress(src, "layout:dfssm")
+    dfplan.save_packed(src, tmp_path / "a", tokenizer=tok)
+    m = dfplan.load(tmp_path / "a")
+    bins = [x for x in m.module.modules() if isinstance(x, BinaryLinear)]
+    assert bins
+    if cpu.extension() is not None and cpu.best_isa() >= 1:
+        assert all(b.bits_layout == ROW_BLOCKS for b in bins)
+    ids = _ids(9, seed=2)
+    assert torch.equal(m.generate(ids, 6, eos=False), src.generate(ids, 6))
+    dfplan.save_packed(m, tmp_path / "b")
+    a, b = ((tmp_path / d / "model.safetensors").read_bytes() for d in "ab")
+    assert a == b
+
+
 def test_load_preset_random_init_is_seeded():
     a = dfplan.load("preset:tiny", seed=3)
     b = dfplan.load("preset:tiny", seed=3)

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from dfplan.config import Mamba2Config
-from dfplan.formats.modules import IntNEmbedding, IntNLinear
-from dfplan.formats.specs import IntN
-from dfplan.kernels import fbgemm
+from dfplan.formats.modules import BinaryLinear, IntNEmbedding, IntNLinear
+from dfplan.formats.specs import Binary, IntN
+from dfplan.kernels import cpu, fbgemm
+from dfplan.kernels.packing import ROW_BLOCKS, ROWS
 from dfplan.model import InferenceCache, build_model
 from dfplan.runtime.statekl import state_dtype_kl
 
@@ -181,3 +182,31 @@ def test_lean_step_not_used_for_hybrids():
     cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=300, d_state=16, headdim=16, chunk_size=16,
                        attn_layer_idx=(1,), attn_cfg={"num_heads": 4, "num_heads_kv": 2}, name="h")
     assert not lean_ok(build_model(cfg, seed=0))
+
+
+@pytest.mark.parametrize("spec", [Binary("row", 8), Binary("fbi", 0), Binary("row", 4, 4)])
+def test_binary_fast_bit_order_is_in_place_and_invisible(spec):
+    if cpu.extension() is None or cpu.best_isa() < 1:
+        pytest.skip("the row-block order is used by the AVX2 / AVX-512 C++ kernels only")
+    m = BinaryLinear.from_float(torch.randn(130, 200, generator=G), spec, bias=torch.randn(130, generator=G))
+    x1, x5 = torch.randn(1, 200, generator=G), torch.randn(5, 200, generator=G)
+    with torch.no_grad():
+        y1, y5 = m(x1), m(x5)
+        sd = {k: v.clone() for k, v in m.state_dict().items()}
+        w = m.dequantize()
+        ptr = m.bits.data_ptr()
+        assert m.fast_weights() == ROW_BLOCKS
+        assert m.bits.data_ptr() == ptr                  # reordered in place: no second copy
+        assert not torch.equal(m.bits, sd["bits"])
+        assert torch.equal(m(x1), y1) and torch.equal(m(x5), y5)
+        # what is saved, dequantized or moved is row-major as before
+        assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
+        assert torch.equal(m.payload()["bits"], sd["bits"]) and torch.equal(m.dequantize(), w)
+        m.float()                                        # a move that stays on CPU keeps the order
+        assert m.bits_layout == ROW_BLOCKS and torch.equal(m(x1), y1)
+        m2 = BinaryLinear.from_float(torch.randn(130, 200, generator=G), spec, bias=torch.randn(130, generator=G))
+        m2.fast_weights()
+        m2.load_state_dict(sd)                           # row-major bytes copied in
+        assert m2.bits_layout == ROWS and torch.equal(m2(x1), y1)
+        meta = m.to("meta")                              # another device gets row-major bits
+        assert meta.bits_layout == ROWS

@@ -332,6 +332,8 @@ def compress(model, plan, *, seed: int = 0, fast_svd: bool = True, progress: boo
     gen = torch.Generator().manual_seed(seed)
     with quant.lowrank_method("randomized" if fast_svd else "exact"):
         apply_plan(mod, p, generator=gen, progress=progress)
+    if isinstance(model, Model):
+        model.prepare()         # the new modules' one-time work (fast bit order, unpacking)
     return model
 
 

@@ -47,10 +47,10 @@ def _linear_fn(mod):
                   u=u, u_scale=mod.u_scale if r else None, v=v, v_scale=mod.v_scale if r else None,
                   bias=mod.bias)
         bits, row_scale, in_f = mod.bits, None if fbi else mod.row_scale, mod.in_features
-        kernel = cpu.binary_linear_cpu
+        kernel, layout = cpu.binary_linear_cpu, mod.bits_layout
 
         def call(x):
-            return kernel(x, bits, row_scale, in_f, **kw)
+            return kernel(x, bits, row_scale, in_f, layout=layout, **kw)
         return call
     return mod
 

@@ -25,6 +25,10 @@ constexpr int64_t kAvx2 = 1;
 constexpr int64_t kAvx512 = 2;
 constexpr int kTokTile = 8;      // tokens handled together: each weight byte is read once per tile
 constexpr int64_t kRowTile = 64; // rows per tile: their bits stay in L1 while a token tile passes
+// 1-bit weight layouts (kernels/packing.py): plain rows, or blocks of kRowTile rows stored
+// column byte by column byte (what the one-token lookup kernel reads)
+constexpr int64_t kRows = 0;
+constexpr int64_t kRowBlocks = 1;
 
 inline int64_t best_isa() {
   __builtin_cpu_init();

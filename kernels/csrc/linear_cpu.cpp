@@ -202,6 +202,106 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void bin_rows_avx512(
 }
 
 // ---------------------------------------------------------------------------------------
+// Decode (one token) on the interleaved layout: a lookup table instead of a bit expansion.
+//
+// Layout kRowBlocks (kernels/packing.py interleave_rows64): rows come in blocks of 64, and
+// inside a block byte j of all its rows is contiguous: byte j of row o0 + r sits at
+// o0 * nb + j * h + r (h = rows in the block, 64 except the last). One 64-byte load is then
+// column byte j of 64 rows, and each half-byte of it selects 4 columns.
+//
+// For each group g of 4 columns, the 16 possible partial sums
+//   tab[g][m] = sum over k < 4 with bit k of m set of xq[4 g + k]     (|tab| <= 508: int16)
+// are computed once per call; pshufb then looks up 16 (AVX2: 32 / AVX-512: 64) rows' sums
+// per instruction. pshufb works on bytes, so each table is stored as its low bytes then its
+// high bytes (16 + 16), and unpacking the two lookups interleaves them back into int16.
+// Per 64 rows x 8 columns that is 4 lookups, 4 unpacks, 4 adds and 3 ops for the nibbles,
+// against 8 mask expansions and 8 dpbusd for the bit expansion: the batch-1 GEMV was bound
+// by vector ops, not by memory.
+
+// tab (nb * 64 bytes): for column byte j, [lo(2j) | hi(2j) | lo(2j+1) | hi(2j+1)], 16 each.
+__attribute__((target("avx2"))) void lut_tables_avx2(const int8_t* xq, int64_t nb, uint8_t* tab) {
+  // lane m of bitk has all bits set when bit k of m is set
+  const __m256i idx = _mm256_setr_epi16(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  __m256i bitk[4];
+  for (int k = 0; k < 4; ++k) {
+    const __m256i b = _mm256_set1_epi16(int16_t(1 << k));
+    bitk[k] = _mm256_cmpeq_epi16(_mm256_and_si256(idx, b), b);
+  }
+  // per 128-bit lane: even bytes (low halves) first, then odd bytes (high halves)
+  const __m256i split = _mm256_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15,
+                                         0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15);
+  for (int64_t g = 0; g < 2 * nb; ++g) {
+    const int8_t* x = xq + 4 * g;
+    __m256i e = _mm256_and_si256(_mm256_set1_epi16(x[0]), bitk[0]);
+    for (int k = 1; k < 4; ++k)
+      e = _mm256_add_epi16(e, _mm256_and_si256(_mm256_set1_epi16(x[k]), bitk[k]));
+    // [lo 0-7 | hi 0-7 | lo 8-15 | hi 8-15] -> [lo 0-15 | hi 0-15]
+    e = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(e, split), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(tab + 32 * g), e);
+  }
+}
+
+// P[r] = sum of xq over the set bits of row r of the full block at w. Each 64-byte column
+// slice is two 32-row halves; int16 lanes gain at most 2 * 508 per column byte, so they are
+// widened to int32 every 32 bytes. AVX-512 hosts run this AVX2 kernel too: a 512-bit twin is
+// not written because no host it could be tested on was at hand.
+__attribute__((target("avx2"))) void lut_block_avx2(const uint8_t* w, int64_t nb, const uint8_t* tab,
+                                                    int32_t* P) {
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  alignas(32) int32_t tot[2][4][8] = {};  // half, [accL lo, accL hi, accH lo, accH hi], lane
+  for (int64_t j0 = 0; j0 < nb; j0 += 32) {
+    const int64_t j1 = std::min(nb, j0 + 32);
+    __m256i accL[2], accH[2];  // per half h: accL lane 8L + k = row 32h + 16L + k, accH + 8
+    for (int h = 0; h < 2; ++h) accL[h] = accH[h] = _mm256_setzero_si256();
+    for (int64_t j = j0; j < j1; ++j) {
+      const uint8_t* t = tab + 64 * j;
+      const __m256i tla = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
+      const __m256i tha = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 16)));
+      const __m256i tlb = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 32)));
+      const __m256i thb = _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t + 48)));
+      _mm_prefetch(reinterpret_cast<const char*>(w + j * 64) + kPrefetch, _MM_HINT_T0);
+#pragma GCC unroll 2
+      for (int h = 0; h < 2; ++h) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + j * 64 + 32 * h));
+        const __m256i lo = _mm256_and_si256(v, low4);
+        const __m256i hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low4);
+        const __m256i al = _mm256_shuffle_epi8(tla, lo), ah = _mm256_shuffle_epi8(tha, lo);
+        const __m256i bl = _mm256_shuffle_epi8(tlb, hi), bh = _mm256_shuffle_epi8(thb, hi);
+        accL[h] = _mm256_add_epi16(accL[h], _mm256_add_epi16(_mm256_unpacklo_epi8(al, ah),
+                                                             _mm256_unpacklo_epi8(bl, bh)));
+        accH[h] = _mm256_add_epi16(accH[h], _mm256_add_epi16(_mm256_unpackhi_epi8(al, ah),
+                                                             _mm256_unpackhi_epi8(bl, bh)));
+      }
+    }
+    for (int h = 0; h < 2; ++h) {
+      const __m256i parts[4] = {
+          _mm256_cvtepi16_epi32(_mm256_castsi256_si128(accL[h])),
+          _mm256_cvtepi16_epi32(_mm256_extracti128_si256(accL[h], 1)),
+          _mm256_cvtepi16_epi32(_mm256_castsi256_si128(accH[h])),
+          _mm256_cvtepi16_epi32(_mm256_extracti128_si256(accH[h], 1))};
+      for (int k = 0; k < 4; ++k) {
+        __m256i* a = reinterpret_cast<__m256i*>(tot[h][k]);
+        _mm256_store_si256(a, _mm256_add_epi32(_mm256_load_si256(a), parts[k]));
+      }
+    }
+  }
+  for (int h = 0; h < 2; ++h)
+    for (int i = 0; i < 16; ++i) {  // int16 lane i of accL / accH: lane i / 8 of the half
+      const int row = 32 * h + 16 * (i / 8) + i % 8;
+      P[row] = tot[h][i / 8][i % 8];
+      P[row + 8] = tot[h][2 + i / 8][i % 8];
+    }
+}
+
+// Row-major copy of one interleaved block (h rows) for the kernels that read whole rows.
+void deinterleave_block(const uint8_t* src, int64_t h, int64_t nb, uint8_t* dst) {
+  for (int64_t j = 0; j < nb; ++j) {
+    const uint8_t* s = src + j * h;
+    for (int64_t r = 0; r < h; ++r) dst[r * nb + j] = s[r];
+  }
+}
+
+// ---------------------------------------------------------------------------------------
 // fp32 side terms: FBI shift dot, the correction's t = v @ x and y += u @ t. Small next to
 // the sign product, but scalar code (no reassociation without -ffast-math) would still
 // double the GEMV time, hence AVX2/FMA versions.
@@ -328,9 +428,11 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
                             const c10::optional<torch::Tensor>& v,
                             const c10::optional<torch::Tensor>& v_scale,
                             const c10::optional<torch::Tensor>& bias, int64_t in_features,
-                            int64_t isa_req, const c10::optional<torch::Tensor>& out_buf) {
+                            int64_t isa_req, const c10::optional<torch::Tensor>& out_buf,
+                            int64_t layout) {
   const int64_t isa = resolve_isa(isa_req);
   check_x(x, in_features);
+  TORCH_CHECK(layout == kRows || layout == kRowBlocks, "bits layout must be 0 (rows) or 1 (row blocks), got ", layout);
   TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == torch::kUInt8 && bits.dim() == 2,
               "bits must be a 2-D uint8 CPU tensor");
   TORCH_CHECK(bits.is_contiguous(), "bits must be contiguous");
@@ -370,18 +472,24 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
   float* yp = y.data_ptr<float>();
   const uint8_t* bp = bits.data_ptr<uint8_t>();
 
+  // Decode on the row-block layout goes through the lookup tables (AVX2 and up: the
+  // AVX-512 path's batch-1 GEMV was bound by vector ops, so this replaces it there too).
+  const bool lut = layout == kRowBlocks && T == 1 && isa >= kAvx2;
+
   // Per-token activation prep: quantized x in the layout the chosen path reads,
   // the FBI shift dot and the correction's v @ x (fp32).
   const ActLayout lay(isa, nb);
   std::vector<int8_t> xq(static_cast<size_t>(T * lay.row_bytes() + 64), 0);
+  std::vector<int8_t> xnat(lut ? static_cast<size_t>(nb * 8) : 0, 0);  // zero-padded
   std::vector<TokenQuant> tq(T);
   std::vector<float> shift(csh ? T : 0), tv(static_cast<size_t>(T * r));
   at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
-    std::vector<int8_t> nat(static_cast<size_t>(in_features));
+    std::vector<int8_t> nat(lut ? 0 : static_cast<size_t>(in_features));
     for (int64_t t = t0; t < t1; ++t) {
       const float* xt = xp + t * in_features;
-      tq[t] = quantize_token(isa, xt, cs, in_features, nat.data());
-      lay.scatter(nat.data(), in_features, t, T, xq.data());
+      int8_t* q = lut ? xnat.data() : nat.data();
+      tq[t] = quantize_token(isa, xt, cs, in_features, q);
+      if (!lut) lay.scatter(q, in_features, t, T, xq.data());
       if (csh)
         shift[t] = isa >= kAvx2 ? dot_f32_avx2(csh, xt, in_features)
                                 : dot_f32_portable(csh, xt, in_features);
@@ -392,21 +500,40 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
       }
     }
   });
+  std::vector<uint8_t> tab(lut ? static_cast<size_t>(nb * 64) : 0);
+  if (lut) lut_tables_avx2(xnat.data(), nb, tab.data());
 
-  at::parallel_for(0, out, kRowTile, [&](int64_t r0, int64_t r1) {
+  // Work is split over whole 64-row tiles, which are the blocks of the row-block layout.
+  const int64_t ntile = (out + kRowTile - 1) / kRowTile;
+  at::parallel_for(0, ntile, 1, [&](int64_t b0, int64_t b1) {
     int32_t P[kTokTile * kRowTile];
     float C[kTokTile * kRowTile];
-    for (int64_t o0 = r0; o0 < r1; o0 += kRowTile) {
-      const int64_t o1 = std::min(r1, o0 + kRowTile);
+    thread_local std::vector<uint8_t> rows;  // one block, row-major (row-block layout, T > 1)
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t o0 = blk * kRowTile;
+      const int64_t o1 = std::min(out, o0 + kRowTile);
+      const int64_t h = o1 - o0;
+      const uint8_t* rb = bp + o0 * nb;  // rows o0..o1: row-major, or one interleaved block
+      const bool lut_here = lut && h == kRowTile;
+      if (layout == kRowBlocks && !lut_here) {
+        if (rows.size() < static_cast<size_t>(h * nb)) rows.resize(static_cast<size_t>(h * nb));
+        deinterleave_block(rb, h, nb, rows.data());
+        rb = rows.data();
+      }
       for (int64_t t0 = 0; t0 < T; t0 += kTokTile) {
         const int tb = static_cast<int>(std::min<int64_t>(kTokTile, T - t0));
         const int8_t* xt = xq.data() + t0 * lay.row_bytes();
-        if (isa == kAvx2)
-          with_tb<BinAvx2>(tb, bp, nb, o0, o1, xt, P, kRowTile);
-        else if (isa == kAvx512)
-          with_tb<BinAvx512>(tb, bp, nb, o0, o1, xt, P, kRowTile);
-        else
-          bin_rows_portable(bp, nb, o0, o1, tb, xt, P, kRowTile);
+        if (lut_here) {
+          lut_block_avx2(rb, nb, tab.data(), P);
+        } else if (lut) {  // the last, partial block: read the tables' source row by row
+          bin_rows_portable(rb, nb, 0, h, 1, xnat.data(), P, kRowTile);
+        } else if (isa == kAvx2) {
+          with_tb<BinAvx2>(tb, rb, nb, 0, h, xt, P, kRowTile);
+        } else if (isa == kAvx512) {
+          with_tb<BinAvx512>(tb, rb, nb, 0, h, xt, P, kRowTile);
+        } else {
+          bin_rows_portable(rb, nb, 0, h, tb, xt, P, kRowTile);
+        }
         if (corr) {
           const float* tvt = tv.data() + t0 * r;
           if (isa >= kAvx2)
@@ -468,7 +595,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("binary_linear", &binary_linear, "packed 1-bit linear (+ FBI, int8 low-rank, bias)",
         py::arg("x"), py::arg("bits"), py::arg("row_scale"), py::arg("col_scale"),
         py::arg("col_shift"), py::arg("u"), py::arg("u_scale"), py::arg("v"), py::arg("v_scale"),
-        py::arg("bias"), py::arg("in_features"), py::arg("isa"), py::arg("out") = py::none());
+        py::arg("bias"), py::arg("in_features"), py::arg("isa"), py::arg("out") = py::none(),
+        py::arg("layout") = 0);
   m.def("int8_linear", &int8_linear, "int8 weight linear with per-token int8 activations",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias"), py::arg("isa"),
         py::arg("out") = py::none());
