@@ -20,8 +20,8 @@ import torch.nn.functional as F
 from dfplan.config import Mamba2Config
 from dfplan.errors import DfplanError
 from dfplan.kernels import cpu as cpu_kernels
-from dfplan.kernels.dispatch import binary_linear, int8_linear
-from dfplan.kernels.packing import pack_signs
+from dfplan.kernels.dispatch import binary_linear, int8_linear, preferred_bits_layout
+from dfplan.kernels.packing import ROW_BLOCKS, pack_signs, to_row_blocks
 
 from .common import Timing, copies_to_exceed, l3_bytes, memory_bandwidth, metadata, timeit, write_results
 
@@ -54,7 +54,10 @@ def _weights(impl: str, out_f: int, in_f: int, rank: int, device: str, g: torch.
     """(callable(x, w), one weight copy as a tuple of tensors, its payload bytes)."""
     W = torch.randn(out_f, in_f, generator=g)
     if impl.startswith("bin"):
-        bits = pack_signs(W)
+        bits = pack_signs(W).to(device)
+        layout = preferred_bits_layout(bits)     # the byte order the runtime decodes with
+        if layout == ROW_BLOCKS:
+            bits = to_row_blocks(bits)
         rs = W.abs().mean(1).half()
         w = [bits, rs]
         if "+r" in impl:
@@ -64,10 +67,11 @@ def _weights(impl: str, out_f: int, in_f: int, rank: int, device: str, g: torch.
                   torch.rand(rank, generator=g).half() * 0.01]
 
             def fn(x, w):
-                return binary_linear(x, w[0], w[1], in_f, u=w[2], u_scale=w[3], v=w[4], v_scale=w[5])
+                return binary_linear(x, w[0], w[1], in_f, u=w[2], u_scale=w[3], v=w[4], v_scale=w[5],
+                                     layout=layout)
         else:
             def fn(x, w):
-                return binary_linear(x, w[0], w[1], in_f)
+                return binary_linear(x, w[0], w[1], in_f, layout=layout)
     elif impl == "int8":
         s = W.abs().amax(1) / 127
         w = [torch.round(W / s[:, None]).clamp(-127, 127).to(torch.int8), s.half()]
@@ -216,6 +220,9 @@ def run_kernel_bench(cfg: BenchConfig) -> dict:
         "model_shapes": {u: list(s) for u, s in shapes.items()},
         "metadata": metadata(),
         "cpu_kernel_isa": cpu_kernels.ISA_NAMES.get(cpu_kernels.best_isa()) if cfg.device == "cpu" else None,
+        "bin_bits_layout": ("row blocks" if preferred_bits_layout(torch.empty(1, dtype=torch.uint8,
+                                                                              device=cfg.device))
+                            else "rows"),
         "cache_policy": (f"weights rotated over distinct copies totalling > 2 x {cache_name} "
                          f"({cache_bytes >> 20} MiB) per implementation, so every call reads its "
                          "weights from memory"),

@@ -232,6 +232,17 @@ def _like(y, x):
     return y
 
 
+def preferred_bits_layout(bits: torch.Tensor) -> int:
+    """ROW_BLOCKS where the C++ kernels run these bits with AVX2 or better (its one-token
+    lookup kernel reads them, 1.5-2x faster than rows), else ROWS. DFPLAN_ROW_BLOCKS=0 keeps
+    ROWS everywhere (A/B timing)."""
+    if (bits.device.type != "cpu" or bits.is_meta or _environ.get("DFPLAN_ROW_BLOCKS", "1") == "0"
+            or select_backend(bits) != "cpu"):
+        return ROWS
+    from .cpu import best_isa
+    return ROW_BLOCKS if best_isa() >= 1 else ROWS
+
+
 def binary_linear(x, bits, row_scale, in_features, *, col_scale=None, col_shift=None, u=None,
                   u_scale=None, v=None, v_scale=None, bias=None, backend: str | None = None,
                   layout: int = ROWS):

@@ -210,3 +210,10 @@ def test_binary_fast_bit_order_is_in_place_and_invisible(spec):
         assert m2.bits_layout == ROWS and torch.equal(m2(x1), y1)
         meta = m.to("meta")                              # another device gets row-major bits
         assert meta.bits_layout == ROWS
+
+
+def test_row_blocks_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv("DFPLAN_ROW_BLOCKS", "0")        # A/B timing of the two byte orders
+    m = BinaryLinear.from_float(torch.randn(64, 64, generator=G), Binary("row", 0))
+    before = m.bits.clone()
+    assert m.fast_weights() == ROWS and torch.equal(m.bits, before)

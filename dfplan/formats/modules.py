@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from .. import kernels as K
 from ..errors import DfplanError
-from ..kernels import cpu as kernels_cpu
 from ..kernels import fbgemm
 from ..kernels.packing import ROW_BLOCKS, ROWS, from_row_blocks, to_row_blocks
 from . import quant
@@ -94,10 +93,10 @@ class BinaryLinear(CompressedModule):
     def fast_weights(self):
         """On CPU with the C++ kernels: reorder the sign bits in place (same bytes, no copy
         kept) into the row blocks that the one-token lookup kernel reads, 1.5-2x faster at
-        batch 1 (csrc/linear_cpu.cpp). Elsewhere a no-op. Model.prepare calls this."""
+        batch 1 (csrc/linear_cpu.cpp). Elsewhere, or with DFPLAN_ROW_BLOCKS=0 (for A/B
+        timing), a no-op (kernels.preferred_bits_layout). Model.prepare calls this."""
         b = self.bits
-        if (self.bits_layout == ROWS and b.device.type == "cpu" and not b.is_meta
-                and K.select_backend(b) == "cpu" and kernels_cpu.best_isa() >= 1):
+        if self.bits_layout == ROWS and K.preferred_bits_layout(b) == ROW_BLOCKS:
             with torch.no_grad():
                 b.copy_(to_row_blocks(b))
             self.bits_layout = ROW_BLOCKS
