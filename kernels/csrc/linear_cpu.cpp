@@ -520,6 +520,14 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
         deinterleave_block(rb, h, nb, rows.data());
         rb = rows.data();
       }
+      // The tile's correction rows (64 x r bytes) are a short stream between two long ones
+      // of sign bits: the hardware prefetcher left them to miss, one DRAM latency after
+      // another (in_proj+r16 at batch 1: 0.27 ms without the correction, 0.39 with it).
+      // Asked for now, they arrive while the bits are summed.
+      if (corr) {
+        const char* ub = reinterpret_cast<const char*>(up + o0 * r);
+        for (int64_t k = 0; k < h * r; k += 64) _mm_prefetch(ub + k, _MM_HINT_T0);
+      }
       for (int64_t t0 = 0; t0 < T; t0 += kTokTile) {
         const int tb = static_cast<int>(std::min<int64_t>(kTokTile, T - t0));
         const int8_t* xt = xq.data() + t0 * lay.row_bytes();
