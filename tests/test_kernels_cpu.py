@@ -4,8 +4,15 @@ import shutil
 import pytest
 import torch
 
-from dfplan.kernels import binary_linear_ref, cpu, int8_linear_ref, quantize_activations_ref
-from dfplan.kernels.packing import ROW_BLOCKS, from_row_blocks, pack_signs, to_row_blocks
+from dfplan.kernels import binary_linear_ref, cpu, int8_linear_ref, packing, quantize_activations_ref
+from dfplan.kernels.packing import (
+    ROW_BLOCKS,
+    from_row_blocks,
+    from_row_blocks_,
+    pack_signs,
+    to_row_blocks,
+    to_row_blocks_,
+)
 
 
 def _ext_or_skip():
@@ -85,11 +92,18 @@ def test_binary_fbi_correction_bias(isas, fbi, rank, bias, tokens, out_f, in_f):
         assert close(y, ref), f"isa {isa}: max err {(y - ref).abs().max()}"
 
 
+@pytest.mark.parametrize("in_cpp", [True, False])
 @pytest.mark.parametrize("out_f,nb", [(1, 1), (63, 5), (64, 3), (130, 7), (200, 82)])
-def test_row_blocks_order_and_round_trip(out_f, nb):
+def test_row_blocks_order_and_round_trip(out_f, nb, in_cpp, monkeypatch):
+    if not in_cpp:     # the in-place reorder's pure-torch fallback (no C++ extension)
+        monkeypatch.setattr(packing, "_reorder_in_cpp", lambda *a: False)
     bits = torch.randint(0, 256, (out_f, nb), dtype=torch.uint8, generator=gen(out_f))
     blocks = to_row_blocks(bits)
     assert blocks.shape == bits.shape and torch.equal(from_row_blocks(blocks), bits)
+    inplace = bits.clone()
+    ptr = inplace.data_ptr()
+    assert torch.equal(to_row_blocks_(inplace), blocks) and inplace.data_ptr() == ptr
+    assert torch.equal(from_row_blocks_(inplace), bits) and inplace.data_ptr() == ptr
     flat = blocks.view(-1)
     for o in {0, out_f // 2, out_f - 1}:       # the offset packing.py documents
         o0 = o // 64 * 64

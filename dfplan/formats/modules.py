@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import kernels as K
 from ..errors import DfplanError
 from ..kernels import fbgemm
-from ..kernels.packing import ROW_BLOCKS, ROWS, from_row_blocks, to_row_blocks
+from ..kernels.packing import ROW_BLOCKS, ROWS, from_row_blocks, from_row_blocks_, to_row_blocks_
 from . import quant
 from .specs import Binary, IntN, Spec
 
@@ -98,7 +98,7 @@ class BinaryLinear(CompressedModule):
         b = self.bits
         if self.bits_layout == ROWS and K.preferred_bits_layout(b) == ROW_BLOCKS:
             with torch.no_grad():
-                b.copy_(to_row_blocks(b))
+                to_row_blocks_(b)
             self.bits_layout = ROW_BLOCKS
         return self.bits_layout
 
@@ -135,7 +135,7 @@ class BinaryLinear(CompressedModule):
         blocks = self.bits_layout == ROW_BLOCKS
         if blocks:              # every other device and kernel reads row-major bits
             with torch.no_grad():
-                self.bits.copy_(from_row_blocks(self.bits))
+                from_row_blocks_(self.bits)
             self.bits_layout = ROWS
         out = super()._apply(fn, *args, **kw)
         if blocks:              # still on CPU (a dtype cast, ...): keep the fast order

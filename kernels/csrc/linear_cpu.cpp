@@ -567,6 +567,31 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
   return y;
 }
 
+// In-place change of byte order, rows <-> row blocks (kernels/packing.py), block by block
+// through a per-thread 64-row scratch: no matrix-sized temporary.
+void reorder_row_blocks_(torch::Tensor& bits, bool to_blocks) {
+  TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == torch::kUInt8 && bits.dim() == 2 &&
+                  bits.is_contiguous(),
+              "bits must be a contiguous 2-D uint8 CPU tensor");
+  const int64_t out = bits.size(0), nb = bits.size(1);
+  uint8_t* bp = bits.data_ptr<uint8_t>();
+  at::parallel_for(0, (out + kRowTile - 1) / kRowTile, 1, [&](int64_t b0, int64_t b1) {
+    std::vector<uint8_t> tmp(static_cast<size_t>(kRowTile * nb));
+    for (int64_t blk = b0; blk < b1; ++blk) {
+      const int64_t o0 = blk * kRowTile, h = std::min(kRowTile, out - o0);
+      uint8_t* p = bp + o0 * nb;
+      if (to_blocks) {
+        std::memcpy(tmp.data(), p, static_cast<size_t>(h * nb));
+        for (int64_t r = 0; r < h; ++r)
+          for (int64_t j = 0; j < nb; ++j) p[j * h + r] = tmp[r * nb + j];
+      } else {
+        deinterleave_block(p, h, nb, tmp.data());
+        std::memcpy(p, tmp.data(), static_cast<size_t>(h * nb));
+      }
+    }
+  });
+}
+
 // int8_cpu.cpp
 torch::Tensor int8_linear(const torch::Tensor& x, const torch::Tensor& qweight,
                           const torch::Tensor& scale, const c10::optional<torch::Tensor>& bias,
@@ -605,6 +630,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("col_shift"), py::arg("u"), py::arg("u_scale"), py::arg("v"), py::arg("v_scale"),
         py::arg("bias"), py::arg("in_features"), py::arg("isa"), py::arg("out") = py::none(),
         py::arg("layout") = 0);
+  m.def("reorder_row_blocks_", &reorder_row_blocks_, "bits rows <-> row blocks, in place",
+        py::arg("bits"), py::arg("to_blocks"));
   m.def("int8_linear", &int8_linear, "int8 weight linear with per-token int8 activations",
         py::arg("x"), py::arg("qweight"), py::arg("scale"), py::arg("bias"), py::arg("isa"),
         py::arg("out") = py::none());
