@@ -202,21 +202,21 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void bin_rows_avx512(
 }
 
 // ---------------------------------------------------------------------------------------
-// Decode (one token) on the interleaved layout: a lookup table instead of a bit expansion.
+// Decode (one token) on the row-block layout: a lookup table instead of a bit expansion.
 //
-// Layout kRowBlocks (kernels/packing.py interleave_rows64): rows come in blocks of 64, and
+// Layout kRowBlocks (kernels/packing.py to_row_blocks): rows come in blocks of 64, and
 // inside a block byte j of all its rows is contiguous: byte j of row o0 + r sits at
-// o0 * nb + j * h + r (h = rows in the block, 64 except the last). One 64-byte load is then
-// column byte j of 64 rows, and each half-byte of it selects 4 columns.
+// o0 * nb + j * h + r (h = rows in the block, 64 except the last). One 32-byte load is then
+// column byte j of 32 rows, and each half-byte of it selects 4 columns.
 //
 // For each group g of 4 columns, the 16 possible partial sums
 //   tab[g][m] = sum over k < 4 with bit k of m set of xq[4 g + k]     (|tab| <= 508: int16)
-// are computed once per call; pshufb then looks up 16 (AVX2: 32 / AVX-512: 64) rows' sums
-// per instruction. pshufb works on bytes, so each table is stored as its low bytes then its
-// high bytes (16 + 16), and unpacking the two lookups interleaves them back into int16.
-// Per 64 rows x 8 columns that is 4 lookups, 4 unpacks, 4 adds and 3 ops for the nibbles,
-// against 8 mask expansions and 8 dpbusd for the bit expansion: the batch-1 GEMV was bound
-// by vector ops, not by memory.
+// are computed once per call; pshufb then looks up 32 rows' sums per instruction. pshufb
+// works on bytes, so each table is stored as its low bytes then its high bytes (16 + 16),
+// and unpacking the two lookups interleaves them back into int16. Per 32 rows x 8 columns
+// (256 weights) that is 4 lookups, 4 unpacks, 4 adds and 3 ops for the nibbles; the AVX2
+// bit expansion above spends ~32 vector ops on 256 weights of one row, and the batch-1 GEMV
+// was bound by vector ops, not by memory.
 
 // tab (nb * 64 bytes): for column byte j, [lo(2j) | hi(2j) | lo(2j+1) | hi(2j+1)], 16 each.
 __attribute__((target("avx2"))) void lut_tables_avx2(const int8_t* xq, int64_t nb, uint8_t* tab) {
@@ -473,7 +473,7 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
   const uint8_t* bp = bits.data_ptr<uint8_t>();
 
   // Decode on the row-block layout goes through the lookup tables (AVX2 and up: the
-  // AVX-512 path's batch-1 GEMV was bound by vector ops, so this replaces it there too).
+  // AVX-512 bit expansion's batch-1 GEMV was bound by vector ops too, so it replaces it).
   const bool lut = layout == kRowBlocks && T == 1 && isa >= kAvx2;
 
   // Per-token activation prep: quantized x in the layout the chosen path reads,
