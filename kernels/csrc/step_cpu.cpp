@@ -187,8 +187,23 @@ __attribute__((target("avx2,fma"))) inline __m256i round_bf16_avx2(__m256 v) {
 __attribute__((target("avx2,fma"))) float ssm_row_bf16_avx2(uint16_t* s, const float* B, const float* C,
                                                             float dA, float dtx, int64_t N) {
   const __m256 vdA = _mm256_set1_ps(dA), vdtx = _mm256_set1_ps(dtx);
-  __m256 acc = _mm256_setzero_ps();
+  __m256 acc = _mm256_setzero_ps(), acc2 = _mm256_setzero_ps();
   int64_t n = 0;
+  // 16 at a time: two independent C-dot chains, and one 256-bit pack + lane fix-up for both
+  // halves instead of an extract + 128-bit pack per 8
+  for (; n + 16 <= N; n += 16) {
+    const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(s + n));
+    const __m256 o0 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_castsi256_si128(raw)), 16));
+    const __m256 o1 = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm256_extracti128_si256(raw, 1)), 16));
+    const __m256 v0 = _mm256_fmadd_ps(o0, vdA, _mm256_mul_ps(vdtx, _mm256_loadu_ps(B + n)));
+    const __m256 v1 = _mm256_fmadd_ps(o1, vdA, _mm256_mul_ps(vdtx, _mm256_loadu_ps(B + n + 8)));
+    acc = _mm256_fmadd_ps(v0, _mm256_loadu_ps(C + n), acc);
+    acc2 = _mm256_fmadd_ps(v1, _mm256_loadu_ps(C + n + 8), acc2);
+    // packus interleaves 128-bit lanes: [v0 lo, v1 lo, v0 hi, v1 hi] -> reorder the qwords
+    const __m256i packed = _mm256_permute4x64_epi64(
+        _mm256_packus_epi32(round_bf16_avx2(v0), round_bf16_avx2(v1)), 0xD8);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(s + n), packed);
+  }
   for (; n + 8 <= N; n += 8) {
     const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(s + n));
     const __m256 old = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
@@ -198,7 +213,7 @@ __attribute__((target("avx2,fma"))) float ssm_row_bf16_avx2(uint16_t* s, const f
     const __m128i packed = _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1));
     _mm_storeu_si128(reinterpret_cast<__m128i*>(s + n), packed);
   }
-  float y = hsum_avx2(acc);
+  float y = hsum_avx2(_mm256_add_ps(acc, acc2));
   for (; n < N; ++n) {
     float old;
     const uint32_t u = uint32_t(s[n]) << 16;
@@ -374,8 +389,10 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
   });
 
   // ssm over (token, head): every state element read and written once
+  // fp32 scratch for a head's 16-bit state, only where no path converts in registers
+  const bool wide_needed = low && !avx512 && !(use_avx2 && (st_type == at::kBFloat16 || f16c));
   at::parallel_for(0, Bsz * H, 1, [&](int64_t j0, int64_t j1) {
-    std::vector<float> wide(low ? static_cast<size_t>(P * N) : 0);
+    std::vector<float> wide(wide_needed ? static_cast<size_t>(P * N) : 0);
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t b = j / H, h = j % H, g = h / (H / G);
       const float* xr = xbc.data() + b * conv_dim;
