@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from . import build
-from .packing import ROW_BLOCKS, ROWS, pack_signs, to_row_blocks
+from .packing import ROW_BLOCKS, ROWS, pack_signs, reorder_torch_
 
 ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512-vnni"}
 _CSRC = Path(__file__).parent / "csrc"
@@ -61,8 +61,13 @@ def _self_check(ext, isa: int) -> bool:
         d = ext.int8_linear(x, q, rs, None, 0)
         if not (torch.equal(a, b) and torch.equal(c, d)):
             return False
-        # the row-block layout (one-token lookup kernel, or rows rebuilt per block)
-        blocks = to_row_blocks(bits)
+        # the row-block layout (one-token lookup kernel, or rows rebuilt per block), and
+        # the C++ reorder into it against the torch one
+        blocks = reorder_torch_(bits.clone(), True)
+        again = bits.clone()
+        ext.reorder_row_blocks_(again, True)
+        if not torch.equal(again, blocks):
+            return False
         e = ext.binary_linear(x, blocks, rs, None, None, None, None, None, None, None, in_f, isa,
                               None, ROW_BLOCKS)
         if not torch.equal(e, b):

@@ -64,39 +64,44 @@ def _blocks(out_f: int):
 
 def to_row_blocks(bits: torch.Tensor) -> torch.Tensor:
     """(out, nb) row-major bits -> the same bytes in row-block order (same shape, new tensor)."""
-    out_f, nb = bits.shape
-    flat = torch.empty_like(bits).view(-1)
-    for o0, o1 in _blocks(out_f):
-        flat[o0 * nb:o1 * nb] = bits[o0:o1].t().reshape(-1)          # (nb, h) flattened
-    return flat.view(out_f, nb)
+    return to_row_blocks_(bits.clone())
+
+
+def from_row_blocks(bits: torch.Tensor) -> torch.Tensor:
+    """Inverse of to_row_blocks: row-block order -> (out, nb) row-major (new tensor)."""
+    return from_row_blocks_(bits.clone())
 
 
 def to_row_blocks_(bits: torch.Tensor) -> torch.Tensor:
     """to_row_blocks in place, one block (64 x nb bytes) at a time: no matrix-sized
     temporary (a freed multi-MB buffer would also raise glibc's mmap threshold, and the
     prefill's scratch would then stay on the heap)."""
-    if _reorder_in_cpp(bits, True):
-        return bits
-    out_f, nb = bits.shape
-    flat = bits.view(-1)
-    for o0, o1 in _blocks(out_f):
-        flat[o0 * nb:o1 * nb] = bits[o0:o1].t().contiguous().view(-1)
+    if not _reorder_in_cpp(bits, True):
+        reorder_torch_(bits, True)
     return bits
 
 
 def from_row_blocks_(bits: torch.Tensor) -> torch.Tensor:
     """from_row_blocks in place, block by block."""
-    if _reorder_in_cpp(bits, False):
-        return bits
+    if not _reorder_in_cpp(bits, False):
+        reorder_torch_(bits, False)
+    return bits
+
+
+def reorder_torch_(bits: torch.Tensor, to_blocks: bool) -> torch.Tensor:
+    """The pure-torch reorder (any device; the C++ kernels' self-check compares with it)."""
     out_f, nb = bits.shape
     flat = bits.view(-1)
     for o0, o1 in _blocks(out_f):
-        bits[o0:o1] = flat[o0 * nb:o1 * nb].view(nb, o1 - o0).t().contiguous()
+        if to_blocks:
+            flat[o0 * nb:o1 * nb] = bits[o0:o1].t().contiguous().view(-1)       # (nb, h)
+        else:
+            bits[o0:o1] = flat[o0 * nb:o1 * nb].view(nb, o1 - o0).t().contiguous()
     return bits
 
 
 def _reorder_in_cpp(bits: torch.Tensor, to_blocks: bool) -> bool:
-    """The C++ twin of the two loops above (1.3B: ~0.9 s of Python per load otherwise)."""
+    """The C++ reorder where it applies (1.3B: ~0.9 s of the Python loop per load otherwise)."""
     if bits.device.type != "cpu" or not bits.is_contiguous() or bits.dim() != 2:
         return False
     from .cpu import extension
@@ -105,12 +110,3 @@ def _reorder_in_cpp(bits: torch.Tensor, to_blocks: bool) -> bool:
         return False
     ext.reorder_row_blocks_(bits, to_blocks)
     return True
-
-
-def from_row_blocks(bits: torch.Tensor) -> torch.Tensor:
-    """Inverse of to_row_blocks: row-block order -> (out, nb) row-major (new tensor)."""
-    out_f, nb = bits.shape
-    flat, rows = bits.reshape(-1), torch.empty_like(bits)
-    for o0, o1 in _blocks(out_f):
-        rows[o0:o1] = flat[o0 * nb:o1 * nb].view(nb, o1 - o0).t()
-    return rows

@@ -389,10 +389,11 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
   });
 
   // ssm over (token, head): every state element read and written once
-  // fp32 scratch for a head's 16-bit state, only where no path converts in registers
-  const bool wide_needed = low && !avx512 && !(use_avx2 && (st_type == at::kBFloat16 || f16c));
+  // 16-bit state converted in registers by the AVX2 rows; otherwise (no AVX2, or fp16
+  // without F16C) widened into an fp32 scratch per head and narrowed back
+  const bool fused16 = low && use_avx2 && (st_type == at::kBFloat16 || f16c);
   at::parallel_for(0, Bsz * H, 1, [&](int64_t j0, int64_t j1) {
-    std::vector<float> wide(wide_needed ? static_cast<size_t>(P * N) : 0);
+    std::vector<float> wide(low && !avx512 && !fused16 ? static_cast<size_t>(P * N) : 0);
     for (int64_t j = j0; j < j1; ++j) {
       const int64_t b = j / H, h = j % H, g = h / (H / G);
       const float* xr = xbc.data() + b * conv_dim;
@@ -416,8 +417,7 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
         }
         continue;
       }
-      const bool fused16 = low && use_avx2 && (st_type == at::kBFloat16 || f16c);
-      if (fused16) {  // 16-bit state converted in registers
+      if (fused16) {
         for (int64_t p = 0; p < P; ++p) {
           const float dtx = dt * x[p];
           const float v = st_type == at::kBFloat16
