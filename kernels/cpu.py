@@ -25,7 +25,8 @@ from .packing import ROW_BLOCKS, ROWS, pack_signs, reorder_torch_
 
 ISA_NAMES = {0: "portable", 1: "avx2", 2: "avx512-vnni"}
 _CSRC = Path(__file__).parent / "csrc"
-_SOURCES = [_CSRC / "linear_cpu.cpp", _CSRC / "int8_cpu.cpp", _CSRC / "step_cpu.cpp"]
+_SOURCES = [_CSRC / "linear_cpu.cpp", _CSRC / "int8_cpu.cpp", _CSRC / "step_cpu.cpp",
+            _CSRC / "stack_cpu.cpp"]
 _HEADERS = [_CSRC / "cpu_common.h"]
 # No -march: the wide paths use function-level target attributes (see the source).
 _CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]

@@ -10,9 +10,16 @@ out_proj; then the head. Same kernels, same tensors as model.step; the norm is t
 fused rms_norm (same formula, another summation order), so logits agree to ~1e-6, not bit
 for bit (tests compare both ways).
 
+When every in_proj / out_proj is a BinaryLinear (the DF-SSM layouts) the whole layer loop
+runs in one C++ call (kernels/csrc/stack_cpu.cpp, `ext.LeanStack`): same kernels, the norm
+a C++ loop, no interpreter between layers. Otherwise (other formats, or DFPLAN_LEAN_STACK=0
+for A/B runs) the loop is the Python one below.
+
 Pure Mamba fp32 models on CPU with the C++ kernels only; anything else keeps model.step.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -37,20 +44,30 @@ def lean_ok(model) -> bool:
     return True
 
 
+def _binary(mod) -> bool:
+    return isinstance(mod, BinaryLinear) and not any(t.requires_grad for t in mod.buffers())
+
+
+def _binary_args(mod) -> tuple:
+    """binary_linear's weight arguments for a BinaryLinear: (bits, row_scale, col_scale,
+    col_shift, u, u_scale, v, v_scale, bias, in_features, layout)."""
+    fbi = mod.spec.scale == "fbi"
+    r = mod.spec.rank > 0
+    u, v = mod._correction_int8() if r else (None, None)
+    return (mod.bits, None if fbi else mod.row_scale, mod.col_scale if fbi else None,
+            mod.col_shift if fbi else None, u, mod.u_scale if r else None, v,
+            mod.v_scale if r else None, mod.bias, mod.in_features, mod.bits_layout)
+
+
 def _linear_fn(mod):
     """A call (B, in) fp32 -> (B, out) fp32 with the weights pre-bound."""
-    if isinstance(mod, BinaryLinear) and not any(t.requires_grad for t in mod.buffers()):
-        fbi = mod.spec.scale == "fbi"
-        r = mod.spec.rank > 0
-        u, v = mod._correction_int8() if r else (None, None)
-        kw = dict(col_scale=mod.col_scale if fbi else None, col_shift=mod.col_shift if fbi else None,
-                  u=u, u_scale=mod.u_scale if r else None, v=v, v_scale=mod.v_scale if r else None,
-                  bias=mod.bias)
-        bits, row_scale, in_f = mod.bits, None if fbi else mod.row_scale, mod.in_features
-        kernel, layout = cpu.binary_linear_cpu, mod.bits_layout
+    if _binary(mod):
+        bits, rs, cs, csh, u, us, v, vs, bias, in_f, layout = _binary_args(mod)
+        kw = dict(col_scale=cs, col_shift=csh, u=u, u_scale=us, v=v, v_scale=vs, bias=bias)
+        kernel = cpu.binary_linear_cpu
 
         def call(x):
-            return kernel(x, bits, row_scale, in_f, layout=layout, **kw)
+            return kernel(x, bits, rs, in_f, layout=layout, **kw)
         return call
     return mod
 
@@ -72,6 +89,15 @@ class LeanStep:
                                 _linear_fn(m.out_proj), lc["conv"], lc["ssm"], args))
         self.step_kernel = ext.mamba2_step
         self.shape = (model.config.d_model,)
+        self.stack = None                   # the C++ layer loop, where every linear is 1-bit
+        mixers = [blk.mixer for blk in model.backbone.layers]
+        if os.environ.get("DFPLAN_LEAN_STACK", "1") != "0" and \
+                all(_binary(m.in_proj) and _binary(m.out_proj) for m in mixers):
+            self.stack = ext.LeanStack(cpu.best_isa(), use_avx2)
+            for blk, (nw, eps, _, _, conv, ssm, args) in zip(model.backbone.layers, self.layers):
+                self.stack.add_layer(nw, float(eps), conv, ssm, *args[:-1])
+                self.stack.set_linear(0, *_binary_args(blk.mixer.in_proj))
+                self.stack.set_linear(1, *_binary_args(blk.mixer.out_proj))
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, cache: InferenceCache) -> torch.Tensor:
@@ -79,6 +105,10 @@ class LeanStep:
             raise ValueError("this LeanStep was built on another cache")
         kernel, shape = self.step_kernel, self.shape
         hidden = self.model.embed(ids.reshape(-1))                  # (B, d)
+        if self.stack is not None:
+            hidden, residual = self.stack.run(hidden.contiguous())
+            cache.seqlen += 1
+            return self.model.head(hidden, residual)
         residual = None
         for nw, eps, fin, fout, conv, ssm, args in self.layers:
             residual = hidden if residual is None else hidden + residual

@@ -4,6 +4,8 @@ Wraps, for the duration of the measurement only, the pieces of model.step: the e
 gather, every mixer's in_proj / out_proj, the fused SSM step (mixer.step minus its two
 linears), attention / MLP layers, the output head (final norm + lm_head), and calls the rest
 (block norms, residual adds, Python) "other". Timer overhead is ~1 us per wrapped call.
+The C++ layer loop (LeanStack) times the same parts itself, and its block norms + residual
+adds; "other" is then the Python around it (embedding call, argmax).
 Also reports the bytes a step must move: the packed weights it reads (the whole head, one
 embedding row) and the SSM + conv state it reads and writes, i.e. the bandwidth bound.
 """
@@ -75,8 +77,12 @@ def profile_decode(model, prompt_len: int = 100, new_tokens: int = 128, seed: in
     patch(model, "embed", "embedding")
     patch(model, "head", "head (norm_f + lm_head)")
     step, use_lean = model.step, lean and lean_ok(model)
+    stack = None
     if use_lean:
         ls = LeanStep(model, cache)
+        stack = ls.stack
+        if stack is not None:              # the C++ layer loop times its own parts
+            stack.set_timing(True)
         ls.step_kernel = tm.wrap("ssm", ls.step_kernel)
         ls.layers = [(nw, eps, tm.wrap("in_proj", fi), tm.wrap("out_proj", fo), c, sm, a)
                      for nw, eps, fi, fo, c, sm, a in ls.layers]
@@ -100,17 +106,22 @@ def profile_decode(model, prompt_len: int = 100, new_tokens: int = 128, seed: in
         for obj, attr in patched:
             delattr(obj, attr)                             # back to the class method
     t = dict(tm.t)
+    if stack is not None:
+        norms, t["in_proj"], t["ssm"], t["out_proj"] = stack.seconds()
+        t["block norms + residuals"] = norms
     lin = t.get("in_proj", 0.0) + t.get("out_proj", 0.0)
     ssm = t["ssm"] if "ssm" in t else t.get("mixer step", 0.0) - lin
     parts = {"in_proj": t.get("in_proj", 0.0), "out_proj": t.get("out_proj", 0.0),
              "fused SSM step": ssm,
              "attention": t.get("attention", 0.0), "mlp": t.get("mlp", 0.0),
-             "embedding": t.get("embedding", 0.0), "head (norm_f + lm_head)": t.get("head (norm_f + lm_head)", 0.0)}
+             "embedding": t.get("embedding", 0.0), "head (norm_f + lm_head)": t.get("head (norm_f + lm_head)", 0.0),
+             "block norms + residuals": t.get("block norms + residuals", 0.0)}
     parts = {k: v for k, v in parts.items() if v > 0}
-    parts["other (norms, residuals, argmax, Python)"] = max(0.0, total - sum(parts.values()))
+    other = "other (argmax, Python)" if stack is not None else "other (norms, residuals, argmax, Python)"
+    parts[other] = max(0.0, total - sum(parts.values()))
     per_tok = total / new_tokens
     return {"tokens": new_tokens, "ms_per_token": 1000 * per_tok, "tok_s": 1 / per_tok,
-            "step": "lean" if use_lean else "model.step",
+            "step": ("lean (C++ layer loop)" if stack is not None else "lean") if use_lean else "model.step",
             "threads": torch.get_num_threads(),
             "breakdown_ms": {k: 1000 * v / new_tokens for k, v in parts.items()},
             "breakdown_share": {k: v / total for k, v in parts.items()},

@@ -607,6 +607,9 @@ torch::Tensor mamba2_step(const torch::Tensor& zxbcdt, torch::Tensor conv_state,
                           bool norm_before_gate, bool use_avx2);
 bool step_has_avx2();
 
+// stack_cpu.cpp
+void bind_stack(pybind11::module& m);
+
 // How many of torch's threads an at::parallel_for in this library really runs on. Built
 // without -fopenmp, ATen's inline parallel_for drops its omp pragma and runs serially
 // whatever torch.set_num_threads says (every kernel here was once single-threaded that way);
@@ -637,4 +640,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("out") = py::none());
   m.def("mamba2_step", &mamba2_step, "fused Mamba-2 decode step (fp32 states, updated in place)");
   m.def("step_has_avx2", &step_has_avx2);
+  bind_stack(m);
 }
