@@ -30,6 +30,7 @@ from ..tokenizer import check_vocab, load_tokenizer
 from ..tokenizer import eos_id as tokenizer_eos_id
 from .cudagraph import graph_step_factory
 from .decode import STATE_DTYPES, DecodeResult, DecodeStats, decode, state_dtype_of
+from .heap import return_freed_memory
 from .leanstep import lean_step_factory
 from .sampling import Sampling
 from .textgen import TextTracker, encode_prompts, stream_in_thread
@@ -206,6 +207,8 @@ class Model:
         res = decode(self.module, rows, max_new_tokens, sampling, seed=seed, eos_id=eos_id,
                      on_tokens=tracker, state_dtype=sd, prefill_chunk=self.prefill_chunk,
                      step_fn=self.step_factory())
+        if self.module.backbone.norm_f.weight.device.type == "cpu":
+            return_freed_memory()        # the state and prefill temporaries just freed
         if tracker is not None and stops:
             for i, stopped in enumerate(tracker.stopped):
                 if stopped:     # ids up to and including the token that completed the stop string

@@ -6,7 +6,6 @@ randomised low-rank SVD (torch.svd_lowrank) unless exact_svd; the payload writte
 """
 from __future__ import annotations
 
-import ctypes
 import json
 import math
 import os
@@ -27,20 +26,7 @@ from ..packed import CONFIG, MANIFEST, PLAN, TOKENIZER, WEIGHTS
 from ..runfolder import is_temp_leftover
 from ..tokenizer import check_vocab, load_tokenizer
 from .api import Model, check_fits, compress, load, resolve_plan, save_packed
-
-
-def reuse_freed_memory() -> bool:
-    """Ask glibc to serve large blocks from its heap and keep freed ones (mallopt), so the
-    tens-of-MB temporaries of quantising one layer after another reuse the same pages
-    instead of being mapped, zero-filled and unmapped every time: on Mamba-2 1.3B that cut
-    the kernel's page-fault time ~15x (system CPU 1.7 s -> 0.1 s per 8 in_proj layers).
-    Process-wide and best effort (False where there is no glibc). Call it after allocating
-    big blocks that will be freed for good: blocks allocated after it stay in the heap."""
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        return bool(libc.mallopt(-3, 1 << 30)) and bool(libc.mallopt(-1, 1 << 30))  # MMAP / TRIM threshold
-    except (OSError, AttributeError):
-        return False
+from .heap import reuse_freed_memory
 
 
 def random_compressed(cfg: Mamba2Config, plan, seed: int = 0, exact_svd: bool = False,
