@@ -333,6 +333,9 @@ class DfplanRunner:
             if self.slowdown and not clock.cuda:
                 self._spin(_perf() - s)
         t2 = clock.mark()
+        if not clock.cuda:          # as Model.generate does after each call (runtime/heap.py)
+            from dfplan.runtime.heap import return_freed_memory
+            return_freed_memory()
         return clock.seconds(t0, t1), clock.seconds(t1, t2)
 
 
