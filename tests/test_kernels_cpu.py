@@ -223,7 +223,9 @@ def test_activation_quantization_error_is_bounded():
 def test_fused_step_matches_reference(isas, ngroups, d_per_channel, gate_first, conv_bias):
     from dfplan.kernels.step_ref import mamba2_step_ref
     g = gen(ngroups * 10 + d_per_channel)
-    Bsz, H, P, N, d_conv = 3, 4, 12, 20, 4      # N not a multiple of 8: vector tails
+    # N not a multiple of 8: vector tails; conv_dim (92 or 132) not a multiple of 8: the
+    # 8-channel conv's scalar tail
+    Bsz, H, P, N, d_conv = 3, 4, 13, 20, 4
     d_inner, conv_dim = H * P, H * P + 2 * ngroups * N
     zx = torch.randn(Bsz, d_inner + conv_dim + H, generator=g) * 2
     conv = torch.randn(Bsz, conv_dim, d_conv, generator=g)
