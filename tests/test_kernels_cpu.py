@@ -92,6 +92,27 @@ def test_binary_fbi_correction_bias(isas, fbi, rank, bias, tokens, out_f, in_f):
         assert close(y, ref), f"isa {isa}: max err {(y - ref).abs().max()}"
 
 
+@pytest.mark.parametrize("rank", [0, 16])
+@pytest.mark.parametrize("tokens,out_f,in_f", [(1, 37, 203), (3, 70, 515), (1, 300, 2048)])
+def test_fp16_row_vectors_read_as_stored(isas, tokens, out_f, in_f, rank):
+    """row_scale / u_scale / bias in fp16 (as BinaryLinear stores them) are read through F16C
+    by the AVX2 epilogue, not converted per call: same bits as their fp32 copies; and without
+    a correction every path equals the portable one bit for bit (the runtime self-check)."""
+    args, kw = binary_case(out_f + rank, tokens, out_f, in_f, rank=rank, bias=True)
+    kw["bias"] = kw["bias"].half()
+    x, bits, rs = args["x"], args["bits"], args["row_scale"]
+    f32 = {k: v.float() if v.dtype == torch.float16 else v for k, v in kw.items()}
+    portable = cpu.binary_linear_cpu(x, bits, rs, in_f, isa=0, **kw)
+    for isa in isas:
+        a = cpu.binary_linear_cpu(x, bits, rs, in_f, isa=isa, **kw)
+        b = cpu.binary_linear_cpu(x, bits, rs.float(), in_f, isa=isa, **f32)
+        assert torch.equal(a, b), f"isa {isa}: max diff {(a - b).abs().max()}"
+        if rank == 0:
+            assert torch.equal(a, portable), f"isa {isa}: max diff {(a - portable).abs().max()}"
+        else:
+            assert close(a, portable)
+
+
 @pytest.mark.parametrize("in_cpp", [True, False])
 @pytest.mark.parametrize("out_f,nb", [(1, 1), (63, 5), (64, 3), (130, 7), (200, 82)])
 def test_row_blocks_order_and_round_trip(out_f, nb, in_cpp, monkeypatch):

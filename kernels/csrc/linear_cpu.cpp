@@ -373,6 +373,24 @@ __attribute__((target("avx2,fma"))) void lowrank_rows_avx2(const int8_t* u, int6
       for (int t = 0; t < tb; ++t) C[t * ld_c + (o - o0)] = dot_i8f32_avx2(u + o * r, tv + t * r, r);
     return;
   }
+  if (tb == 1) {  // one token: convert in registers, nothing to share through a buffer
+    int64_t o = o0;
+    for (; o + 8 <= o1; o += 8) {
+      __m256 s[8];
+      for (int k = 0; k < 8; ++k) s[k] = _mm256_setzero_ps();
+      for (int64_t j = 0; j < r; j += 8) {
+        const __m256 tj = _mm256_loadu_ps(tv + j);
+#pragma GCC unroll 8
+        for (int k = 0; k < 8; ++k) s[k] = _mm256_fmadd_ps(load8_i8_as_ps(u + (o + k) * r + j), tj, s[k]);
+      }
+      const __m256 a = _mm256_hadd_ps(_mm256_hadd_ps(s[0], s[1]), _mm256_hadd_ps(s[2], s[3]));
+      const __m256 b = _mm256_hadd_ps(_mm256_hadd_ps(s[4], s[5]), _mm256_hadd_ps(s[6], s[7]));
+      _mm256_storeu_ps(C + (o - o0), _mm256_add_ps(_mm256_permute2f128_ps(a, b, 0x20),
+                                                    _mm256_permute2f128_ps(a, b, 0x31)));
+    }
+    for (; o < o1; ++o) C[o - o0] = dot_i8f32_avx2(u + o * r, tv, r);
+    return;
+  }
   thread_local std::vector<float> uf;  // one per thread, not one allocation per row tile
   if (uf.size() < static_cast<size_t>(8 * r)) uf.resize(static_cast<size_t>(8 * r));
   int64_t o = o0;
@@ -396,6 +414,51 @@ __attribute__((target("avx2,fma"))) void lowrank_rows_avx2(const int8_t* u, int6
   }
   for (; o < o1; ++o)
     for (int t = 0; t < tb; ++t) C[t * ld_c + (o - o0)] = dot_i8f32_avx2(u + o * r, tv + t * r, r);
+}
+
+// Per-row vectors (row_scale, u_scale, bias) as stored: fp32, or fp16 read through F16C in
+// the AVX2 epilogue. Converting an fp16 vector to an fp32 tensor on every call cost an
+// allocation and a pass per vector (two per 1-bit linear with a correction, 96 linears a
+// token on 1.3B).
+struct RowVec {
+  const float* f32 = nullptr;
+  const uint16_t* f16 = nullptr;
+  explicit operator bool() const { return f32 || f16; }
+  float at(int64_t o) const { return f32 ? f32[o] : float(c10::Half(f16[o], c10::Half::from_bits())); }
+};
+
+__attribute__((target("avx2,f16c"))) inline __m256 load8_rowvec(const RowVec& v, int64_t o) {
+  return v.f32 ? _mm256_loadu_ps(v.f32 + o)
+               : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.f16 + o)));
+}
+
+// One token's outputs for rows [o0, o1): y = (2 P - qsum) * scale * rs [+ shift] [+ us * C]
+// [+ bias]. The same operations in the same order as the scalar epilogue, and no fma in this
+// target, so the two agree bit for bit (the self-check and the tests compare paths exactly).
+__attribute__((target("avx2,f16c"))) void epilogue_avx2(const int32_t* P, const float* C, int32_t qsum,
+                                                        float scale, const RowVec& rs, const float* shift,
+                                                        const RowVec& us, const RowVec& bs, int64_t o0,
+                                                        int64_t o1, float* y) {
+  const __m256i vq = _mm256_set1_epi32(qsum);
+  const __m256 vs = _mm256_set1_ps(scale);
+  int64_t o = o0;
+  for (; o + 8 <= o1; o += 8) {
+    const __m256i p = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(P + (o - o0)));
+    const __m256i acc = _mm256_sub_epi32(_mm256_add_epi32(p, p), vq);
+    __m256 val = _mm256_mul_ps(_mm256_cvtepi32_ps(acc), rs ? _mm256_mul_ps(vs, load8_rowvec(rs, o)) : vs);
+    if (shift) val = _mm256_add_ps(val, _mm256_set1_ps(*shift));
+    if (C) val = _mm256_add_ps(val, _mm256_mul_ps(load8_rowvec(us, o), _mm256_loadu_ps(C + (o - o0))));
+    if (bs) val = _mm256_add_ps(val, load8_rowvec(bs, o));
+    _mm256_storeu_ps(y + o, val);
+  }
+  for (; o < o1; ++o) {
+    const int32_t acc = 2 * P[o - o0] - qsum;
+    float val = float(acc) * (rs ? scale * rs.at(o) : scale);
+    if (shift) val += *shift;
+    if (C) val += us.at(o) * C[o - o0];
+    if (bs) val += bs.at(o);
+    y[o] = val;
+  }
 }
 
 // Adapters for with_tb (cpu_common.h).
@@ -441,17 +504,32 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
               (in_features + 7) / 8, " for in_features=", in_features);
   TORCH_CHECK(col_scale.has_value() == col_shift.has_value(), "col_scale and col_shift go together");
   std::vector<torch::Tensor> keep;
-  const float* rs = opt_f32(row_scale, out, "row_scale", keep);
+  // fp16 per-row vectors stay fp16 where the AVX2 epilogue reads them (F16C)
+  static const bool f16c = __builtin_cpu_supports("f16c");
+  const bool f16_ok = isa >= kAvx2 && f16c;
+  auto row_vec = [&](const c10::optional<torch::Tensor>& t, const char* name) {
+    RowVec rv;
+    if (f16_ok && t.has_value() && t->scalar_type() == torch::kHalf && t->is_contiguous()) {
+      TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == out, name, " must have shape (", out, "), got ", t->sizes());
+      rv.f16 = reinterpret_cast<const uint16_t*>(t->data_ptr<at::Half>());
+    } else {
+      rv.f32 = opt_f32(t, out, name, keep);
+    }
+    return rv;
+  };
+  const RowVec rs = row_vec(row_scale, "row_scale");
   const float* cs = opt_f32(col_scale, in_features, "col_scale", keep);
   const float* csh = opt_f32(col_shift, in_features, "col_shift", keep);
-  const float* bs = opt_f32(bias, out, "bias", keep);
+  const RowVec bs = row_vec(bias, "bias");
   const bool corr = u.has_value();
   TORCH_CHECK(corr == v.has_value() && corr == u_scale.has_value() && corr == v_scale.has_value(),
               "u, u_scale, v, v_scale go together");
   int64_t r = 0;
   const int8_t* up = nullptr;
   const int8_t* vp = nullptr;
-  const float *usp = nullptr, *vsp = nullptr;
+  RowVec usp;
+  const float* vsp = nullptr;
   if (corr) {
     TORCH_CHECK(u->scalar_type() == torch::kInt8 && u->dim() == 2 && u->size(0) == out &&
                     u->is_contiguous() && u->device().is_cpu(),
@@ -462,7 +540,7 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
                 "v must be a contiguous int8 CPU tensor of shape (", r, ", ", in_features, ")");
     up = u->data_ptr<int8_t>();
     vp = v->data_ptr<int8_t>();
-    usp = opt_f32(u_scale, out, "u_scale", keep);
+    usp = row_vec(u_scale, "u_scale");
     vsp = opt_f32(v_scale, r, "v_scale", keep);
   }
 
@@ -552,12 +630,19 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
         for (int t = 0; t < tb; ++t) {
           const TokenQuant q = tq[t0 + t];
           float* yt = yp + (t0 + t) * out;
+          const int32_t* Pt = P + t * kRowTile;
+          const float* Ct = corr ? C + t * kRowTile : nullptr;
+          const float* sh = csh ? &shift[t0 + t] : nullptr;
+          if (isa >= kAvx2) {
+            epilogue_avx2(Pt, Ct, q.qsum, q.scale, rs, sh, usp, bs, o0, o1, yt);
+            continue;
+          }
           for (int64_t o = o0; o < o1; ++o) {
-            const int32_t acc = 2 * P[t * kRowTile + (o - o0)] - q.qsum;
-            float val = float(acc) * (rs ? q.scale * rs[o] : q.scale);
-            if (csh) val += shift[t0 + t];
-            if (corr) val += usp[o] * C[t * kRowTile + (o - o0)];
-            if (bs) val += bs[o];
+            const int32_t acc = 2 * Pt[o - o0] - q.qsum;
+            float val = float(acc) * (rs ? q.scale * rs.at(o) : q.scale);
+            if (sh) val += *sh;
+            if (Ct) val += usp.at(o) * Ct[o - o0];
+            if (bs) val += bs.at(o);
             yt[o] = val;
           }
         }
