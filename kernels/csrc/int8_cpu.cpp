@@ -35,10 +35,13 @@ __attribute__((target("avx2"))) void i8_rows_avx2(const int8_t* w, int64_t in, i
   alignas(32) int8_t tail[32];
   for (int64_t o = o0; o < o1; ++o) {
     const int8_t* row = w + o * in;
-    prefetch_ahead(row, in);
+    if (TB > 1) prefetch_ahead(row, in);
     __m256i acc[TB];
     for (int t = 0; t < TB; ++t) acc[t] = _mm256_setzero_si256();
     for (int64_t blk = 0; blk < nblk; ++blk) {
+      // one token: the prefetches spread over the row (one per 64 bytes, 2 KiB ahead) keep
+      // a steady number of lines in flight; a burst at the row's start stalled on them
+      if (TB == 1 && blk % 2 == 0) _mm_prefetch(reinterpret_cast<const char*>(row + blk * 32) + 2048, _MM_HINT_T0);
       __m256i wv;
       if (blk < nfull) {
         wv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + blk * 32));
