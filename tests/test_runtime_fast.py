@@ -2,6 +2,7 @@
 head, state precision, and the CUDA-graph step (CUDA only)."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from dfplan.config import Mamba2Config
 from dfplan.formats.modules import BinaryLinear, IntNEmbedding, IntNLinear
@@ -149,12 +150,11 @@ def test_profile_breakdown_sums_to_the_step(tmp_path, lean):
     assert not hasattr(m, "embed") or "embed" not in vars(m)          # wrappers removed
 
 
-@pytest.mark.parametrize("layout", [None, "dfssm", "bimamba", "int4"])
-@pytest.mark.parametrize("state", [torch.float32, torch.bfloat16])
-def test_lean_step_equals_model_step(layout, state):
+def _lean_case(layout, state):
+    """A 3-layer model in `layout`, and two equal batch-2 caches after prefilling two prompts."""
     import dfplan
     from dfplan.runtime.decode import prefill
-    from dfplan.runtime.leanstep import LeanStep, lean_ok
+    from dfplan.runtime.leanstep import lean_ok
     cfg = Mamba2Config.preset("tiny").replace(chunk_size=16, d_model=64, n_layer=3, headdim=16,
                                               d_state=16, vocab_size=256)
     m = build_model(cfg, seed=3).eval()
@@ -163,21 +163,76 @@ def test_lean_step_equals_model_step(layout, state):
     if not lean_ok(m):
         pytest.skip("CPU kernels not available")
     ids = torch.randint(0, 256, (2, 11), generator=G)
-    c1, c2 = m.new_cache(2, state_dtype=state), m.new_cache(2, state_dtype=state)
+    caches = m.new_cache(2, state_dtype=state), m.new_cache(2, state_dtype=state)
     with torch.no_grad():
-        for i in range(2):
-            prefill(m, ids[i:i + 1], InferenceCache(0, [{k: v[i:i + 1] for k, v in lc.items()} for lc in c1.layers]))
-            prefill(m, ids[i:i + 1], InferenceCache(0, [{k: v[i:i + 1] for k, v in lc.items()} for lc in c2.layers]))
-        lean = LeanStep(m, c2)
-        # all-1-bit layouts run the C++ layer loop; the others the Python one
-        assert (lean.stack is not None) == (layout in ("dfssm", "bimamba"))
-        tok = ids[:, -1]
+        for c in caches:
+            for i in range(2):
+                prefill(m, ids[i:i + 1], InferenceCache(0, [{k: v[i:i + 1] for k, v in lc.items()} for lc in c.layers]))
+    return m, ids, caches
+
+
+@pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
+def threads(request):
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("layout", [None, "dfssm", "bimamba", "int4"])
+@pytest.mark.parametrize("state", [torch.float32, torch.bfloat16])
+def test_lean_step_equals_model_step(layout, state, threads):
+    """The Python layer loop (torch's fused rms_norm, the same kernels) against model.step."""
+    from dfplan.runtime.leanstep import LeanStep
+    m, ids, (c1, c2) = _lean_case(layout, state)
+    lean = LeanStep(m, c2, stack=False)
+    tok = ids[:, -1]
+    with torch.no_grad():
         for _ in range(6):
             a, b = m.step(tok, c1), lean(tok, c2)
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
             tok = a.argmax(-1)
     for la, lb in zip(c1.layers, c2.layers):
         torch.testing.assert_close(lb["ssm"].float(), la["ssm"].float(), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("layout", [None, "dfssm", "bimamba", "int4"])
+@pytest.mark.parametrize("state", [torch.float32, torch.bfloat16])
+def test_lean_stack_equals_its_python_twin(layout, state, threads):
+    """The C++ layer loop (all-1-bit layouts) against the Python loop with the C++ loop's own
+    norm: equal bit for bit, logits and states, token after token."""
+    from dfplan.runtime.leanstep import LeanStep
+    m, ids, (c1, c2) = _lean_case(layout, state)
+    lean = LeanStep(m, c2, stack=True)
+    assert (lean.stack is not None) == (layout in ("dfssm", "bimamba"))
+    if lean.stack is None:
+        return
+    twin = LeanStep(m, c1, stack=False, cpp_norm=True)
+    tok = ids[:, -1]
+    with torch.no_grad():
+        for _ in range(6):
+            a, b = twin(tok, c1), lean(tok, c2)
+            assert torch.equal(a, b)
+            tok = a.argmax(-1)
+    for la, lb in zip(c1.layers, c2.layers):
+        assert torch.equal(la["ssm"], lb["ssm"]) and torch.equal(la["conv"], lb["conv"])
+
+
+@pytest.mark.parametrize("first", [True, False])
+def test_stack_norm_matches_torch(first):
+    """The C++ loop's residual add + RMSNorm against torch (d = 100: not a multiple of 8)."""
+    ext = cpu.extension()
+    if ext is None:
+        pytest.skip("CPU kernels not available")
+    hidden, residual = torch.randn(3, 100, generator=G), torch.randn(3, 100, generator=G)
+    w = torch.rand(100, generator=G) + 0.5
+    expect_res = hidden.clone() if first else hidden + residual
+    res = residual.clone()
+    out = ext.add_rms_norm_(hidden, res, first, w, 1e-5)
+    torch.testing.assert_close(res, expect_res, rtol=0, atol=0)
+    torch.testing.assert_close(out, F.rms_norm(expect_res, (100,), w, 1e-5), rtol=1e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="fp32"):
+        ext.add_rms_norm_(hidden.double(), res, first, w, 1e-5)
 
 
 def test_lean_step_not_used_for_hybrids():

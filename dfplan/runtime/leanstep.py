@@ -13,7 +13,11 @@ for bit (tests compare both ways).
 When every in_proj / out_proj is a BinaryLinear (the DF-SSM layouts) the whole layer loop
 runs in one C++ call (kernels/csrc/stack_cpu.cpp, `ext.LeanStack`): same kernels, the norm
 a C++ loop, no interpreter between layers. Otherwise (other formats, or DFPLAN_LEAN_STACK=0
-for A/B runs) the loop is the Python one below.
+for A/B runs) the loop is the Python one below. That loop with cpp_norm=True (the C++ loop's
+own norm, `ext.add_rms_norm_`) is the C++ loop's twin, equal bit for bit: the norm's
+summation order is all that differs from torch, but a last-bit difference there can flip
+the 1-bit kernels' int8 rounding of an activation, so only an equal norm lets the tests
+compare the rest of the loop exactly.
 
 Pure Mamba fp32 models on CPU with the C++ kernels only; anything else keeps model.step.
 """
@@ -75,7 +79,9 @@ def _linear_fn(mod):
 class LeanStep:
     """Callable like model.step(ids, cache) -> logits, for the cache it was built on."""
 
-    def __init__(self, model, cache: InferenceCache):
+    def __init__(self, model, cache: InferenceCache, stack: bool | None = None, cpp_norm: bool = False):
+        """stack: use the C++ layer loop where it applies (None: unless DFPLAN_LEAN_STACK=0);
+        cpp_norm: the Python loop's residual + norm by the C++ loop's own code (its twin)."""
         self.model, self.cache = model, cache
         ext = cpu.extension()
         use_avx2 = cpu.best_isa() >= 1
@@ -89,10 +95,12 @@ class LeanStep:
                                 _linear_fn(m.out_proj), lc["conv"], lc["ssm"], args))
         self.step_kernel = ext.mamba2_step
         self.shape = (model.config.d_model,)
+        self.add_norm = ext.add_rms_norm_ if cpp_norm else None
         self.stack = None                   # the C++ layer loop, where every linear is 1-bit
         mixers = [blk.mixer for blk in model.backbone.layers]
-        if os.environ.get("DFPLAN_LEAN_STACK", "1") != "0" and \
-                all(_binary(m.in_proj) and _binary(m.out_proj) for m in mixers):
+        if stack is None:
+            stack = os.environ.get("DFPLAN_LEAN_STACK", "1") != "0"
+        if stack and all(_binary(m.in_proj) and _binary(m.out_proj) for m in mixers):
             self.stack = ext.LeanStack(cpu.best_isa(), use_avx2)
             for blk, (nw, eps, _, _, conv, ssm, args) in zip(model.backbone.layers, self.layers):
                 self.stack.add_layer(nw, float(eps), conv, ssm, *args[:-1])
@@ -111,8 +119,13 @@ class LeanStep:
             return self.model.head(hidden, residual)
         residual = None
         for nw, eps, fin, fout, conv, ssm, args in self.layers:
-            residual = hidden if residual is None else hidden + residual
-            h = F.rms_norm(residual, shape, nw, eps)
+            if self.add_norm is not None:
+                first = residual is None
+                residual = torch.empty_like(hidden) if first else residual
+                h = self.add_norm(hidden, residual, first, nw, eps)
+            else:
+                residual = hidden if residual is None else hidden + residual
+                h = F.rms_norm(residual, shape, nw, eps)
             hidden = fout(kernel(fin(h), conv, ssm, *args))
         cache.seqlen += 1
         return self.model.head(hidden, residual)

@@ -73,6 +73,25 @@ void add_rms_norm(const float* hidden, float* residual, bool first, const float*
   }
 }
 
+// The same loop as an op, for the Python twin of LeanStack::run (tests compare the two bit
+// for bit; the norm's summation order differs from torch's, and a last-bit difference can
+// flip the 1-bit kernels' int8 rounding of the activations, so only an equal norm makes the
+// rest of the loop comparable exactly). hidden, residual, w: contiguous fp32; residual (B, d)
+// is written in place (ignored as input when first); returns the normed (B, d).
+at::Tensor add_rms_norm_op(const at::Tensor& hidden, at::Tensor& residual, bool first,
+                           const at::Tensor& w, double eps) {
+  for (const at::Tensor* t : std::initializer_list<const at::Tensor*>{&hidden, &residual, &w})
+    TORCH_CHECK(t->scalar_type() == at::kFloat && t->is_contiguous() && t->device().is_cpu(),
+                "add_rms_norm_ takes contiguous fp32 CPU tensors");
+  TORCH_CHECK(hidden.dim() == 2 && residual.sizes() == hidden.sizes() && w.dim() == 1 &&
+                  w.size(0) == hidden.size(1),
+              "add_rms_norm_: hidden and residual (B, d), w (d,)");
+  auto out = at::empty_like(hidden);
+  add_rms_norm(hidden.data_ptr<float>(), residual.data_ptr<float>(), first, w.data_ptr<float>(),
+               float(eps), hidden.size(0), hidden.size(1), out.data_ptr<float>());
+  return out;
+}
+
 class LeanStack {
  public:
   LeanStack(int64_t isa, bool use_avx2) : isa_(isa), use_avx2_(use_avx2) {}
@@ -164,4 +183,6 @@ void bind_stack(pybind11::module& m) {
       .def("set_timing", &LeanStack::set_timing)
       .def("seconds", &LeanStack::seconds)
       .def("__len__", &LeanStack::size);
+  m.def("add_rms_norm_", &add_rms_norm_op, "residual = hidden (+ residual), in place; returns rmsnorm(residual) * w",
+        py::arg("hidden"), py::arg("residual"), py::arg("first"), py::arg("w"), py::arg("eps"));
 }
