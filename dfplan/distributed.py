@@ -86,6 +86,9 @@ def _worker(rank: int, world: int, port: int, threads: int, fn, args, result_pat
         if rank == 0:
             with open(result_path, "wb") as f:
                 pickle.dump(out, f)
+        # no rank tears the group down while another still talks in it (a full test run once
+        # saw rank 1 abort in teardown: "terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
