@@ -1,4 +1,5 @@
 import mmap
+import os
 
 import pytest
 import torch
@@ -54,6 +55,18 @@ def test_switched_off_and_bad_files(tmp_path, monkeypatch):
         safetensors_index(tmp_path / "junk.safetensors")
 
 
+def _mapping_of(t: torch.Tensor) -> str | None:
+    """Path of the /proc/self/maps mapping holding t's data ("" for anonymous memory)."""
+    addr = t.data_ptr()
+    with open("/proc/self/maps") as f:
+        for line in f:
+            parts = line.split()
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if lo <= addr < hi:
+                return parts[5] if len(parts) > 5 else ""
+    return None
+
+
 def test_packed_load_with_and_without_huge_pages(tmp_path, monkeypatch):
     """The loaded model is the same either way, and re-saving it reproduces the file."""
     import dfplan
@@ -70,8 +83,38 @@ def test_packed_load_with_and_without_huge_pages(tmp_path, monkeypatch):
     huge = load_packed(tmp_path / "p")
     a, b = plain.state_dict(), huge.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    if os.path.exists("/proc/self/maps") and hasattr(mmap, "MADV_HUGEPAGE"):
+        bits = "backbone.layers.0.mixer.in_proj.bits"
+        assert _mapping_of(plain.get_buffer(bits)).endswith(WEIGHTS)     # the file mmap
+        assert _mapping_of(huge.get_buffer(bits)) == ""                  # the anonymous arena
     ids = torch.randint(0, 256, (1, 9), generator=G)
     with torch.no_grad():
         assert torch.equal(plain(ids), huge(ids))
     dfplan.save_packed(huge, tmp_path / "q")
     assert (tmp_path / "q" / WEIGHTS).read_bytes() == (tmp_path / "p" / WEIGHTS).read_bytes()
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/maps") or not hasattr(mmap, "MADV_HUGEPAGE"),
+                    reason="needs Linux /proc and MADV_HUGEPAGE")
+def test_untied_embedding_stays_file_mapped(tmp_path, monkeypatch):
+    """Decode reads only its tokens' rows of an untied embedding: it stays in the file mmap
+    (off the resident set), while the lm_head, read in full, goes to the arena."""
+    import dfplan
+    from dfplan.config import Mamba2Config
+    from dfplan.model import build_model
+    from dfplan.packed import WEIGHTS, load_packed
+    monkeypatch.delenv("DFPLAN_HUGEPAGES", raising=False)
+    cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=16,
+                       tie_embeddings=False)
+    m = build_model(cfg, seed=0).eval()
+    dfplan.compress(m, "layout:dfssm")
+    dfplan.save_packed(m, tmp_path / "p")
+    got = load_packed(tmp_path / "p")
+    emb = [t for n, t in got.named_buffers() if n.startswith("backbone.embedding.")]
+    head = [t for n, t in got.named_buffers() if n.startswith("lm_head.")]
+    assert emb and head
+    assert all(_mapping_of(t).endswith(WEIGHTS) for t in emb)
+    assert all(_mapping_of(t) == "" for t in head)
+    with torch.no_grad():
+        ids = torch.randint(0, 256, (1, 7), generator=G)
+        assert torch.equal(got(ids), m(ids))
