@@ -187,9 +187,9 @@ def read_packed_config(d: Path) -> Mamba2Config:
 def _read_in_full(cfg: Mamba2Config, layout: dict) -> list[str]:
     """The tensors a decode step reads in full: all of them but an untied embedding, of
     which decode reads only its tokens' rows (the file mmap keeps the rest off the resident
-    set). These are read into huge pages (dfplan.hugepages); reading the small ones there
-    too leaves no file mapping whose fault-around would map neighbouring payload pages a
-    second time (+16 MB resident on 1.3B when only the integer payloads were read)."""
+    set). These are read into huge pages (dfplan.hugepages), the small ones too, so that no
+    file mapping stays behind the model (whose fault-around would map neighbouring payload
+    pages a second time)."""
     return [k for k in layout if cfg.tie_embeddings or not k.startswith("backbone.embedding.")]
 
 
