@@ -37,17 +37,6 @@ def enabled() -> bool:
     return os.environ.get("DFPLAN_HUGEPAGES", "1") != "0" and hasattr(mmap, "MADV_HUGEPAGE")
 
 
-def thp_mode() -> str:
-    """The system's transparent huge page policy: "always", "madvise", "never" or "unknown"."""
-    try:
-        with open("/sys/kernel/mm/transparent_hugepage/enabled") as f:
-            txt = f.read()
-    except OSError:
-        return "unknown"
-    start, end = txt.find("["), txt.find("]")
-    return txt[start + 1:end] if 0 <= start < end else "unknown"
-
-
 def safetensors_index(path) -> tuple[int, dict]:
     """(byte offset of the data section, {name: {"dtype", "shape", "data_offsets"}}) from the
     file's header (u64 little-endian header length, then the JSON header)."""
@@ -102,7 +91,7 @@ def read_tensors(path, names) -> dict[str, torch.Tensor]:
             if f.readinto(view[base + off:base + off + nbytes]) != nbytes:
                 raise DfplanError(f"{path} ends inside tensor {name}: the file is truncated")
             dtype = _DTYPES[info["dtype"]]
-            count = nbytes // torch.empty((), dtype=dtype).element_size()
+            count = nbytes // dtype.itemsize
             t = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + off) if count else \
                 torch.empty(0, dtype=dtype)
             out[name] = t.view(info["shape"])
