@@ -3,11 +3,24 @@
 // helpers and argument checks. Everything is inline: included by linear_cpu.cpp and int8_cpu.cpp.
 #pragma once
 
+//
+// Two builds share these sources. The torch extension (kernels/cpu.py) splits work with
+// at::parallel_for and reports bad arguments with TORCH_CHECK. The torch-free library
+// (dfplan/lite, built with -DDFPLAN_LITE) has neither: parallel_for runs on OpenMP there and
+// DF_CHECK throws std::runtime_error. The kernels themselves are the same code in both.
+#ifdef DFPLAN_LITE
+#include <omp.h>
+
+#include <sstream>
+#include <stdexcept>
+#include <string>
+#else
 // Only the ATen pieces used here: torch/extension.h (pybind11, the whole C++ API) takes
 // several times longer to compile and is needed only by the file with the bindings.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#endif
 
 #include <immintrin.h>
 
@@ -19,6 +32,44 @@
 
 
 namespace dfplan_cpu {
+
+#ifdef DFPLAN_LITE
+template <typename... A>
+std::string cat(const A&... a) {
+  std::ostringstream s;
+  (s << ... << a);
+  return s.str();
+}
+#define DF_CHECK(cond, ...) \
+  do { if (!(cond)) throw std::runtime_error(::dfplan_cpu::cat(__VA_ARGS__)); } while (0)
+
+// at::parallel_for's contract: f(b, e) over disjoint chunks covering [begin, end), inline
+// when there is less than one grain of work or one thread; never nested.
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  const int64_t n = end - begin;
+  if (n <= 0) return;
+  const int64_t most = std::max<int64_t>(1, (n + std::max<int64_t>(grain, 1) - 1) / std::max<int64_t>(grain, 1));
+  const int64_t nt = omp_in_parallel() ? 1 : std::min<int64_t>(omp_get_max_threads(), most);
+  if (nt <= 1) {
+    f(begin, end);
+    return;
+  }
+  const int64_t chunk = (n + nt - 1) / nt;
+#pragma omp parallel num_threads(static_cast<int>(nt))
+  {
+    const int64_t b = begin + omp_get_thread_num() * chunk;
+    const int64_t e = std::min(end, b + chunk);
+    if (b < e) f(b, e);
+  }
+}
+#else
+#define DF_CHECK TORCH_CHECK
+template <typename F>
+void parallel_for(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  at::parallel_for(begin, end, grain, f);
+}
+#endif
 
 constexpr int64_t kPortable = 0;
 constexpr int64_t kAvx2 = 1;
@@ -42,7 +93,7 @@ inline int64_t best_isa() {
 inline int64_t resolve_isa(int64_t isa) {
   const int64_t best = best_isa();
   if (isa < 0) return best;
-  TORCH_CHECK(isa <= best, "dfplan kernels: instruction set level ", isa,
+  DF_CHECK(isa <= best, "dfplan kernels: instruction set level ", isa,
               " is not supported by this CPU (best available: ", best, ")");
   return isa;
 }
@@ -169,6 +220,118 @@ void with_tb(int tb, A... a) {
 }
 
 // ---------------------------------------------------------------------------------------
+// The kernels' pointer-level entry points: the torch bindings check tensors and call these;
+// the torch-free library (lite_cpu.cpp) calls them on the packed file's bytes directly.
+
+// IEEE half -> float, exactly (c10::Half's conversion, without c10).
+inline float half_to_float(uint16_t h) {
+  const uint32_t sign = uint32_t(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu, man = h & 0x3ffu;
+  uint32_t bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (man << 13);               // inf / nan
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);       // normal: rebias 15 -> 127
+  } else if (man == 0) {
+    bits = sign;                                           // +-0
+  } else {                                                 // subnormal: normalise
+    int e = -1;
+    uint32_t m = man;
+    do { m <<= 1; ++e; } while (!(m & 0x400u));
+    bits = sign | uint32_t(112 - e) << 23 | ((m & 0x3ffu) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, 4);
+  return f;
+}
+
+// float -> IEEE half, round to nearest even (the FP16 library's exact method: the float
+// multiplies do the rounding).
+inline uint16_t float_to_half(float f) {
+  uint32_t w;
+  std::memcpy(&w, &f, 4);
+  const uint32_t shl1 = w + w, sign = w & 0x80000000u;
+  uint32_t bias = shl1 & 0xff000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  const float to_inf = 0x1.0p+112f, to_zero = 0x1.0p-110f;
+  float base = (std::fabs(f) * to_inf) * to_zero;
+  const uint32_t bb = (bias >> 1) + 0x07800000u;
+  float bf;
+  std::memcpy(&bf, &bb, 4);
+  base = bf + base;
+  uint32_t b;
+  std::memcpy(&b, &base, 4);
+  const uint32_t nonsign = ((b >> 13) & 0x7c00u) + (b & 0x0fffu);
+  return static_cast<uint16_t>((sign >> 16) | (shl1 > 0xff000000u ? 0x7e00u : nonsign));
+}
+
+// A per-row vector kept fp32, or fp16 where the AVX2 epilogue converts it in registers.
+struct RowVec {
+  const float* f32 = nullptr;
+  const uint16_t* f16 = nullptr;
+  explicit operator bool() const { return f32 || f16; }
+  float at(int64_t o) const { return f32 ? f32[o] : half_to_float(f16[o]); }
+};
+
+// y (T, out) = the 1-bit linear of x (T, in): see linear_cpu.cpp for the formula.
+struct BinaryWeights {
+  const uint8_t* bits = nullptr;  // (out, nb): rows, or row blocks (layout)
+  int64_t out = 0, in = 0, nb = 0, layout = 0;
+  RowVec row_scale, bias, u_scale;
+  const float* col_scale = nullptr;  // FBI (in,), with col_shift
+  const float* col_shift = nullptr;
+  const int8_t* u = nullptr;  // (out, r) int8 correction, with v (r, in) and v_scale (r,)
+  const int8_t* v = nullptr;
+  const float* v_scale = nullptr;
+  int64_t r = 0;
+};
+void binary_linear_raw(const BinaryWeights& w, int64_t isa, const float* x, int64_t T, float* y);
+// bits (out, nb) rows <-> row blocks, in place
+void reorder_row_blocks_raw(uint8_t* bits, int64_t out, int64_t nb, bool to_blocks);
+
+// y (T, out) = scale[o] * (q[o, :] . quantized x[t, :]) [+ bias[o]]
+void int8_linear_raw(const int8_t* q, int64_t out, int64_t in, const float* scale,
+                     const float* bias, int64_t isa, const float* x, int64_t T, float* y);
+
+// One Mamba-2 mixer token for B rows between in_proj and out_proj (step_cpu.cpp).
+enum class StateType { f32 = 0, bf16 = 1, f16 = 2 };
+struct StepWeights {
+  const float* conv_w = nullptr;  // (conv_dim, d_conv)
+  const float* conv_b = nullptr;  // (conv_dim,) or null
+  const float *dt_bias = nullptr, *A_log = nullptr, *D = nullptr, *norm_w = nullptr;
+  double eps = 1e-5;
+  int64_t H = 0, P = 0, N = 0, G = 1, conv_dim = 0, d_conv = 0;
+  bool d_per_channel = false, norm_before_gate = false;
+};
+// zx (B, d_inner + conv_dim + H); conv (B, conv_dim, d_conv) fp32 and ssm (B, H, P, N) in
+// `st` updated in place; y (B, d_inner = H * P)
+void mamba2_step_raw(const StepWeights& w, const float* zx, int64_t B, float* conv, void* ssm,
+                     StateType st, bool use_avx2, float* y);
+
+// residual += hidden (or = hidden on the first layer), then out = rmsnorm(residual) * w; the
+// decode loops' norm (stack_cpu.cpp, lite_cpu.cpp). Same formula as F.rms_norm, summed in
+// 8 independent lanes (the loop vectorizes): equal to torch's to ~1e-7, not bit for bit.
+inline void add_rms_norm(const float* hidden, float* residual, bool first, const float* w,
+                         float eps, int64_t B, int64_t d, float* out) {
+  for (int64_t b = 0; b < B; ++b) {
+    const float* h = hidden + b * d;
+    float* r = residual + b * d;
+    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    for (int64_t i = 0; i < d; ++i) {
+      const float v = first ? h[i] : h[i] + r[i];
+      r[i] = v;
+      part[i % 8] += v * v;
+    }
+    float ss = 0.f;
+    for (float p : part) ss += p;
+    const float inv = 1.0f / std::sqrt(ss / float(d) + eps);
+    float* o = out + b * d;
+    for (int64_t i = 0; i < d; ++i) o[i] = r[i] * inv * w[i];
+  }
+}
+
+#ifndef DFPLAN_LITE
+// ---------------------------------------------------------------------------------------
 // Argument checks (the Python side raises friendlier errors first; these keep the C++
 // entry points safe on their own).
 
@@ -200,5 +363,7 @@ inline void check_x(const at::Tensor& x, int64_t in) {
   TORCH_CHECK(x.dim() == 2 && x.size(1) == in, "x must have shape (tokens, ", in, "), got ", x.sizes());
   TORCH_CHECK(x.is_contiguous(), "x must be contiguous");
 }
+
+#endif  // DFPLAN_LITE
 
 }  // namespace dfplan_cpu

@@ -130,30 +130,15 @@ template <int TB> struct I8Avx512 {
 }  // namespace
 }  // namespace dfplan_cpu
 
-using namespace dfplan_cpu;
+namespace dfplan_cpu {
 
-at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight,
-                          const at::Tensor& scale, const c10::optional<at::Tensor>& bias,
-                          int64_t isa_req, const c10::optional<at::Tensor>& out_buf) {
-  const int64_t isa = resolve_isa(isa_req);
-  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kChar &&
-                  qweight.dim() == 2 && qweight.is_contiguous(),
-              "qweight must be a contiguous 2-D int8 CPU tensor");
-  const int64_t out = qweight.size(0), in = qweight.size(1), T = x.size(0);
-  check_x(x, in);
-  std::vector<at::Tensor> keep;
-  const float* sc = opt_f32(scale, out, "scale", keep);
-  const float* bs = opt_f32(bias, out, "bias", keep);
-  auto y = output(out_buf, T, out);
-  if (T == 0 || out == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const int8_t* wp = qweight.data_ptr<int8_t>();
-
+void int8_linear_raw(const int8_t* wp, int64_t out, int64_t in, const float* sc, const float* bs,
+                     int64_t isa, const float* xp, int64_t T, float* yp) {
+  if (T == 0 || out == 0) return;
   const int64_t ld_x = round_up(std::max<int64_t>(in, 1), 64);
   std::vector<int8_t> xq(static_cast<size_t>(T * ld_x), 0);
   std::vector<TokenQuant> tq(T);
-  at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t) {
       int8_t* dst = xq.data() + t * ld_x;
       tq[t] = quantize_token(isa, xp + t * in, nullptr, in, dst);
@@ -162,7 +147,7 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight,
     }
   });
 
-  at::parallel_for(0, out, kRowTile, [&](int64_t r0, int64_t r1) {
+  parallel_for(0, out, kRowTile, [&](int64_t r0, int64_t r1) {
     int32_t P[kTokTile * kRowTile];
     for (int64_t o0 = r0; o0 < r1; o0 += kRowTile) {
       const int64_t o1 = std::min(r1, o0 + kRowTile);
@@ -188,5 +173,29 @@ at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight,
       }
     }
   });
+}
+
+}  // namespace dfplan_cpu
+
+#ifndef DFPLAN_LITE
+using namespace dfplan_cpu;
+
+at::Tensor int8_linear(const at::Tensor& x, const at::Tensor& qweight,
+                          const at::Tensor& scale, const c10::optional<at::Tensor>& bias,
+                          int64_t isa_req, const c10::optional<at::Tensor>& out_buf) {
+  const int64_t isa = resolve_isa(isa_req);
+  TORCH_CHECK(qweight.device().is_cpu() && qweight.scalar_type() == at::kChar &&
+                  qweight.dim() == 2 && qweight.is_contiguous(),
+              "qweight must be a contiguous 2-D int8 CPU tensor");
+  const int64_t out = qweight.size(0), in = qweight.size(1), T = x.size(0);
+  check_x(x, in);
+  std::vector<at::Tensor> keep;
+  const float* sc = opt_f32(scale, out, "scale", keep);
+  const float* bs = opt_f32(bias, out, "bias", keep);
+  auto y = output(out_buf, T, out);
+  int8_linear_raw(qweight.data_ptr<int8_t>(), out, in, sc, bs, isa, x.data_ptr<float>(), T,
+                  y.data_ptr<float>());
   return y;
 }
+#endif  // DFPLAN_LITE
+

@@ -16,7 +16,9 @@
 // runs on a CPU without them (no -march flags). Work is split over output rows with
 // at::parallel_for, i.e. torch's own OpenMP runtime (a second OpenMP runtime in the
 // process would fight torch's threads).
+#ifndef DFPLAN_LITE
 #include <torch/extension.h>
+#endif
 
 #include "cpu_common.h"
 
@@ -463,13 +465,6 @@ __attribute__((target("avx2,fma"))) void lowrank_rows_avx2(const int8_t* u, int6
 // the AVX2 epilogue. Converting an fp16 vector to an fp32 tensor on every call cost an
 // allocation and a pass per vector (two per 1-bit linear with a correction, 96 linears a
 // token on 1.3B).
-struct RowVec {
-  const float* f32 = nullptr;
-  const uint16_t* f16 = nullptr;
-  explicit operator bool() const { return f32 || f16; }
-  float at(int64_t o) const { return f32 ? f32[o] : float(c10::Half(f16[o], c10::Half::from_bits())); }
-};
-
 __attribute__((target("avx2,f16c"))) inline __m256 load8_rowvec(const RowVec& v, int64_t o) {
   return v.f32 ? _mm256_loadu_ps(v.f32 + o)
                : _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(v.f16 + o)));
@@ -525,73 +520,16 @@ using namespace dfplan_cpu;
 
 // ---------------------------------------------------------------------------------------
 
-torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
-                            const c10::optional<torch::Tensor>& row_scale,
-                            const c10::optional<torch::Tensor>& col_scale,
-                            const c10::optional<torch::Tensor>& col_shift,
-                            const c10::optional<torch::Tensor>& u,
-                            const c10::optional<torch::Tensor>& u_scale,
-                            const c10::optional<torch::Tensor>& v,
-                            const c10::optional<torch::Tensor>& v_scale,
-                            const c10::optional<torch::Tensor>& bias, int64_t in_features,
-                            int64_t isa_req, const c10::optional<torch::Tensor>& out_buf,
-                            int64_t layout) {
-  const int64_t isa = resolve_isa(isa_req);
-  check_x(x, in_features);
-  TORCH_CHECK(layout == kRows || layout == kRowBlocks, "bits layout must be 0 (rows) or 1 (row blocks), got ", layout);
-  TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == torch::kUInt8 && bits.dim() == 2,
-              "bits must be a 2-D uint8 CPU tensor");
-  TORCH_CHECK(bits.is_contiguous(), "bits must be contiguous");
-  const int64_t out = bits.size(0), nb = bits.size(1), T = x.size(0);
-  TORCH_CHECK(nb == (in_features + 7) / 8, "bits has ", nb, " bytes per row, expected ",
-              (in_features + 7) / 8, " for in_features=", in_features);
-  TORCH_CHECK(col_scale.has_value() == col_shift.has_value(), "col_scale and col_shift go together");
-  std::vector<torch::Tensor> keep;
-  // fp16 per-row vectors stay fp16 where the AVX2 epilogue reads them (F16C)
-  static const bool f16c = __builtin_cpu_supports("f16c");
-  const bool f16_ok = isa >= kAvx2 && f16c;
-  auto row_vec = [&](const c10::optional<torch::Tensor>& t, const char* name) {
-    RowVec rv;
-    if (f16_ok && t.has_value() && t->scalar_type() == torch::kHalf && t->is_contiguous()) {
-      TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
-      TORCH_CHECK(t->dim() == 1 && t->size(0) == out, name, " must have shape (", out, "), got ", t->sizes());
-      rv.f16 = reinterpret_cast<const uint16_t*>(t->data_ptr<at::Half>());
-    } else {
-      rv.f32 = opt_f32(t, out, name, keep);
-    }
-    return rv;
-  };
-  const RowVec rs = row_vec(row_scale, "row_scale");
-  const float* cs = opt_f32(col_scale, in_features, "col_scale", keep);
-  const float* csh = opt_f32(col_shift, in_features, "col_shift", keep);
-  const RowVec bs = row_vec(bias, "bias");
-  const bool corr = u.has_value();
-  TORCH_CHECK(corr == v.has_value() && corr == u_scale.has_value() && corr == v_scale.has_value(),
-              "u, u_scale, v, v_scale go together");
-  int64_t r = 0;
-  const int8_t* up = nullptr;
-  const int8_t* vp = nullptr;
-  RowVec usp;
-  const float* vsp = nullptr;
-  if (corr) {
-    TORCH_CHECK(u->scalar_type() == torch::kInt8 && u->dim() == 2 && u->size(0) == out &&
-                    u->is_contiguous() && u->device().is_cpu(),
-                "u must be a contiguous int8 CPU tensor of shape (", out, ", r)");
-    r = u->size(1);
-    TORCH_CHECK(v->scalar_type() == torch::kInt8 && v->dim() == 2 && v->size(0) == r &&
-                    v->size(1) == in_features && v->is_contiguous() && v->device().is_cpu(),
-                "v must be a contiguous int8 CPU tensor of shape (", r, ", ", in_features, ")");
-    up = u->data_ptr<int8_t>();
-    vp = v->data_ptr<int8_t>();
-    usp = row_vec(u_scale, "u_scale");
-    vsp = opt_f32(v_scale, r, "v_scale", keep);
-  }
+namespace dfplan_cpu {
 
-  auto y = output(out_buf, T, out);
-  if (T == 0 || out == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const uint8_t* bp = bits.data_ptr<uint8_t>();
+void binary_linear_raw(const BinaryWeights& w, int64_t isa, const float* xp, int64_t T, float* yp) {
+  if (T == 0 || w.out == 0) return;
+  const int64_t out = w.out, nb = w.nb, in_features = w.in, r = w.r, layout = w.layout;
+  const uint8_t* bp = w.bits;
+  const RowVec rs = w.row_scale, bs = w.bias, usp = w.u_scale;
+  const float *cs = w.col_scale, *csh = w.col_shift, *vsp = w.v_scale;
+  const int8_t *up = w.u, *vp = w.v;
+  const bool corr = up != nullptr;
 
   // Decode on the row-block layout goes through the lookup tables (AVX2 and up: the
   // AVX-512 bit expansion's batch-1 GEMV was bound by vector ops too, so it replaces it).
@@ -604,7 +542,7 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
   std::vector<int8_t> xnat(lut ? static_cast<size_t>(nb * 8) : 0, 0);  // zero-padded
   std::vector<TokenQuant> tq(T);
   std::vector<float> shift(csh ? T : 0), tv(static_cast<size_t>(T * r));
-  at::parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
+  parallel_for(0, T, 4, [&](int64_t t0, int64_t t1) {
     std::vector<int8_t> nat(lut ? 0 : static_cast<size_t>(in_features));
     for (int64_t t = t0; t < t1; ++t) {
       const float* xt = xp + t * in_features;
@@ -626,7 +564,7 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
 
   // Work is split over whole 64-row tiles, which are the blocks of the row-block layout.
   const int64_t ntile = (out + kRowTile - 1) / kRowTile;
-  at::parallel_for(0, ntile, 1, [&](int64_t b0, int64_t b1) {
+  parallel_for(0, ntile, 1, [&](int64_t b0, int64_t b1) {
     int32_t P[kTokTile * kRowTile];
     float C[kTokTile * kRowTile];
     thread_local std::vector<uint8_t> rows;  // one block, row-major (row-block layout, T > 1)
@@ -694,18 +632,12 @@ torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
       }
     }
   });
-  return y;
 }
 
 // In-place change of byte order, rows <-> row blocks (kernels/packing.py), block by block
 // through a per-thread 64-row scratch: no matrix-sized temporary.
-void reorder_row_blocks_(torch::Tensor& bits, bool to_blocks) {
-  TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == torch::kUInt8 && bits.dim() == 2 &&
-                  bits.is_contiguous(),
-              "bits must be a contiguous 2-D uint8 CPU tensor");
-  const int64_t out = bits.size(0), nb = bits.size(1);
-  uint8_t* bp = bits.data_ptr<uint8_t>();
-  at::parallel_for(0, (out + kRowTile - 1) / kRowTile, 1, [&](int64_t b0, int64_t b1) {
+void reorder_row_blocks_raw(uint8_t* bp, int64_t out, int64_t nb, bool to_blocks) {
+  parallel_for(0, (out + kRowTile - 1) / kRowTile, 1, [&](int64_t b0, int64_t b1) {
     std::vector<uint8_t> tmp(static_cast<size_t>(kRowTile * nb));
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t o0 = blk * kRowTile, h = std::min(kRowTile, out - o0);
@@ -720,6 +652,98 @@ void reorder_row_blocks_(torch::Tensor& bits, bool to_blocks) {
       }
     }
   });
+}
+
+}  // namespace dfplan_cpu
+
+#ifndef DFPLAN_LITE
+torch::Tensor binary_linear(const torch::Tensor& x, const torch::Tensor& bits,
+                            const c10::optional<torch::Tensor>& row_scale,
+                            const c10::optional<torch::Tensor>& col_scale,
+                            const c10::optional<torch::Tensor>& col_shift,
+                            const c10::optional<torch::Tensor>& u,
+                            const c10::optional<torch::Tensor>& u_scale,
+                            const c10::optional<torch::Tensor>& v,
+                            const c10::optional<torch::Tensor>& v_scale,
+                            const c10::optional<torch::Tensor>& bias, int64_t in_features,
+                            int64_t isa_req, const c10::optional<torch::Tensor>& out_buf,
+                            int64_t layout) {
+  const int64_t isa = resolve_isa(isa_req);
+  check_x(x, in_features);
+  TORCH_CHECK(layout == kRows || layout == kRowBlocks, "bits layout must be 0 (rows) or 1 (row blocks), got ", layout);
+  TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == torch::kUInt8 && bits.dim() == 2,
+              "bits must be a 2-D uint8 CPU tensor");
+  TORCH_CHECK(bits.is_contiguous(), "bits must be contiguous");
+  const int64_t out = bits.size(0), nb = bits.size(1), T = x.size(0);
+  TORCH_CHECK(nb == (in_features + 7) / 8, "bits has ", nb, " bytes per row, expected ",
+              (in_features + 7) / 8, " for in_features=", in_features);
+  TORCH_CHECK(col_scale.has_value() == col_shift.has_value(), "col_scale and col_shift go together");
+  std::vector<torch::Tensor> keep;
+  // fp16 per-row vectors stay fp16 where the AVX2 epilogue reads them (F16C)
+  static const bool f16c = __builtin_cpu_supports("f16c");
+  const bool f16_ok = isa >= kAvx2 && f16c;
+  auto row_vec = [&](const c10::optional<torch::Tensor>& t, const char* name) {
+    RowVec rv;
+    if (f16_ok && t.has_value() && t->scalar_type() == torch::kHalf && t->is_contiguous()) {
+      TORCH_CHECK(t->device().is_cpu(), name, " must be a CPU tensor");
+      TORCH_CHECK(t->dim() == 1 && t->size(0) == out, name, " must have shape (", out, "), got ", t->sizes());
+      rv.f16 = reinterpret_cast<const uint16_t*>(t->data_ptr<at::Half>());
+    } else {
+      rv.f32 = opt_f32(t, out, name, keep);
+    }
+    return rv;
+  };
+  const RowVec rs = row_vec(row_scale, "row_scale");
+  const float* cs = opt_f32(col_scale, in_features, "col_scale", keep);
+  const float* csh = opt_f32(col_shift, in_features, "col_shift", keep);
+  const RowVec bs = row_vec(bias, "bias");
+  const bool corr = u.has_value();
+  TORCH_CHECK(corr == v.has_value() && corr == u_scale.has_value() && corr == v_scale.has_value(),
+              "u, u_scale, v, v_scale go together");
+  int64_t r = 0;
+  const int8_t* up = nullptr;
+  const int8_t* vp = nullptr;
+  RowVec usp;
+  const float* vsp = nullptr;
+  if (corr) {
+    TORCH_CHECK(u->scalar_type() == torch::kInt8 && u->dim() == 2 && u->size(0) == out &&
+                    u->is_contiguous() && u->device().is_cpu(),
+                "u must be a contiguous int8 CPU tensor of shape (", out, ", r)");
+    r = u->size(1);
+    TORCH_CHECK(v->scalar_type() == torch::kInt8 && v->dim() == 2 && v->size(0) == r &&
+                    v->size(1) == in_features && v->is_contiguous() && v->device().is_cpu(),
+                "v must be a contiguous int8 CPU tensor of shape (", r, ", ", in_features, ")");
+    up = u->data_ptr<int8_t>();
+    vp = v->data_ptr<int8_t>();
+    usp = row_vec(u_scale, "u_scale");
+    vsp = opt_f32(v_scale, r, "v_scale", keep);
+  }
+
+  auto y = output(out_buf, T, out);
+  BinaryWeights w;
+  w.bits = bits.data_ptr<uint8_t>();
+  w.out = out;
+  w.in = in_features;
+  w.nb = nb;
+  w.layout = layout;
+  w.row_scale = rs;
+  w.bias = bs;
+  w.u_scale = usp;
+  w.col_scale = cs;
+  w.col_shift = csh;
+  w.u = up;
+  w.v = vp;
+  w.v_scale = vsp;
+  w.r = r;
+  binary_linear_raw(w, isa, x.data_ptr<float>(), T, y.data_ptr<float>());
+  return y;
+}
+
+void reorder_row_blocks_(torch::Tensor& bits, bool to_blocks) {
+  TORCH_CHECK(bits.device().is_cpu() && bits.scalar_type() == torch::kUInt8 && bits.dim() == 2 &&
+                  bits.is_contiguous(),
+              "bits must be a contiguous 2-D uint8 CPU tensor");
+  reorder_row_blocks_raw(bits.data_ptr<uint8_t>(), bits.size(0), bits.size(1), to_blocks);
 }
 
 // int8_cpu.cpp
@@ -772,3 +796,4 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("step_has_avx2", &step_has_avx2);
   bind_stack(m);
 }
+#endif  // DFPLAN_LITE

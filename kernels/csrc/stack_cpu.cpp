@@ -9,6 +9,8 @@
 // summed in another order: ~1e-7 relative).
 #include <torch/extension.h>
 
+#include "cpu_common.h"
+
 #include <chrono>
 
 at::Tensor binary_linear(const at::Tensor& x, const at::Tensor& bits,
@@ -24,6 +26,8 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state, at::Tens
                        const at::Tensor& dt_bias, const at::Tensor& A_log, const at::Tensor& D,
                        const at::Tensor& norm_weight, double eps, int64_t ngroups, int64_t headdim,
                        int64_t d_state, bool norm_before_gate, bool use_avx2);
+
+using dfplan_cpu::add_rms_norm;
 
 namespace {
 
@@ -52,26 +56,6 @@ struct Layer {
   int64_t ngroups, headdim, d_state;
   bool norm_before_gate;
 };
-
-// residual += hidden (or = hidden on the first layer), then out = rmsnorm(residual) * w.
-void add_rms_norm(const float* hidden, float* residual, bool first, const float* w, float eps,
-                  int64_t B, int64_t d, float* out) {
-  for (int64_t b = 0; b < B; ++b) {
-    const float* h = hidden + b * d;
-    float* r = residual + b * d;
-    float part[8] = {0, 0, 0, 0, 0, 0, 0, 0};  // 8 independent sums: the loop vectorizes
-    for (int64_t i = 0; i < d; ++i) {
-      const float v = first ? h[i] : h[i] + r[i];
-      r[i] = v;
-      part[i % 8] += v * v;
-    }
-    float ss = 0.f;
-    for (float p : part) ss += p;
-    const float inv = 1.0f / std::sqrt(ss / float(d) + eps);
-    float* o = out + b * d;
-    for (int64_t i = 0; i < d; ++i) o[i] = r[i] * inv * w[i];
-  }
-}
 
 // The same loop as an op, for the Python twin of LeanStack::run (tests compare the two bit
 // for bit; the norm's summation order differs from torch's, and a last-bit difference can

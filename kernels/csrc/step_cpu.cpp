@@ -8,15 +8,9 @@
 //   norm:  RMSNorm per SSM group, times the norm weight
 // Same maths as kernels/ref.py mamba2_step_ref (fp32 throughout); the AVX2 path differs from
 // it only by fused multiply-adds, summation order and a polynomial exp (rel. error ~1e-7).
-// Only the ATen pieces used here: torch/extension.h (pybind11, the whole C++ API) takes
-// several times longer to compile and is needed only by the file with the bindings.
-#include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
+#include "cpu_common.h"
 
 #include <immintrin.h>
-
-#include <c10/util/Half.h>
 
 #include <cmath>
 #include <cstdlib>
@@ -202,20 +196,20 @@ __attribute__((target("avx2,fma,f16c"))) void widen_f16_avx2(const uint16_t* src
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
-  for (; i < n; ++i) dst[i] = float(c10::Half(src[i], c10::Half::from_bits()));
+  for (; i < n; ++i) dst[i] = dfplan_cpu::half_to_float(src[i]);
 }
 __attribute__((target("avx2,fma,f16c"))) void narrow_f16_avx2(const float* src, uint16_t* dst, int64_t n) {
   int64_t i = 0;
   for (; i + 8 <= n; i += 8)
     _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
                      _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-  for (; i < n; ++i) dst[i] = c10::Half(src[i]).x;
+  for (; i < n; ++i) dst[i] = dfplan_cpu::float_to_half(src[i]);
 }
 void widen_f16(const uint16_t* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = float(c10::Half(src[i], c10::Half::from_bits()));
+  for (int64_t i = 0; i < n; ++i) dst[i] = dfplan_cpu::half_to_float(src[i]);
 }
 void narrow_f16(const float* src, uint16_t* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = c10::Half(src[i]).x;
+  for (int64_t i = 0; i < n; ++i) dst[i] = dfplan_cpu::float_to_half(src[i]);
 }
 
 // One head-row with the state stored in 16 bits, converted in registers (no extra pass):
@@ -322,8 +316,8 @@ __attribute__((target("avx2,fma,f16c"))) float ssm_row_f16_avx2(uint16_t* s, con
   }
   float y = hsum_avx2(acc);
   for (; n < N; ++n) {
-    const float v = float(c10::Half(s[n], c10::Half::from_bits())) * dA + dtx * B[n];
-    s[n] = c10::Half(v).x;
+    const float v = dfplan_cpu::half_to_float(s[n]) * dA + dtx * B[n];
+    s[n] = dfplan_cpu::float_to_half(v);
     y += v * C[n];
   }
   return y;
@@ -396,43 +390,22 @@ bool has_f16c() {
   return __builtin_cpu_supports("f16c");
 }
 
-const float* f32_ptr(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
-              " must be a contiguous float32 CPU tensor");
-  return t.data_ptr<float>();
-}
 
 }  // namespace
 
-at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
-                          at::Tensor ssm_state, const at::Tensor& conv_weight,
-                          const c10::optional<at::Tensor>& conv_bias,
-                          const at::Tensor& dt_bias, const at::Tensor& A_log,
-                          const at::Tensor& D, const at::Tensor& norm_weight, double eps,
-                          int64_t ngroups, int64_t headdim, int64_t d_state,
-                          bool norm_before_gate, bool use_avx2) {
-  const int64_t Bsz = zxbcdt.size(0);
-  const int64_t H = dt_bias.size(0), P = headdim, N = d_state, G = ngroups;
+namespace dfplan_cpu {
+
+void mamba2_step_raw(const StepWeights& w, const float* zx, int64_t Bsz, float* cs, void* ssm,
+                     StateType st_type, bool use_avx2, float* yp) {
+  const int64_t H = w.H, P = w.P, N = w.N, G = w.G, conv_dim = w.conv_dim, d_conv = w.d_conv;
   const int64_t d_inner = H * P;
-  TORCH_CHECK(conv_state.dim() == 3 && ssm_state.dim() == 4, "bad state ranks");
-  const int64_t conv_dim = conv_state.size(1), d_conv = conv_state.size(2);
-  TORCH_CHECK(conv_dim == d_inner + 2 * G * N, "conv_state width does not match the mixer");
-  TORCH_CHECK(zxbcdt.dim() == 2 && zxbcdt.size(1) == d_inner + conv_dim + H,
-              "zxbcdt must be (B, d_inner + conv_dim + nheads)");
-  TORCH_CHECK(ssm_state.size(0) == Bsz && ssm_state.size(1) == H && ssm_state.size(2) == P &&
-                  ssm_state.size(3) == N, "ssm_state must be (B, nheads, headdim, d_state)");
-  TORCH_CHECK(H % G == 0 && d_inner % G == 0, "nheads must be a multiple of ngroups");
-  TORCH_CHECK(conv_weight.numel() == conv_dim * d_conv, "conv_weight must have conv_dim * d_conv elements");
-  TORCH_CHECK(D.numel() == H || D.numel() == d_inner, "D must have nheads or d_inner elements");
-  const float* zx = f32_ptr(zxbcdt, "zxbcdt");
-  float* cs = const_cast<float*>(f32_ptr(conv_state, "conv_state"));
-  const auto st_type = ssm_state.scalar_type();
-  TORCH_CHECK(ssm_state.device().is_cpu() && ssm_state.is_contiguous() &&
-                  (st_type == at::kFloat || st_type == at::kBFloat16 || st_type == at::kHalf),
-              "ssm_state must be a contiguous float32 / bfloat16 / float16 CPU tensor");
-  const bool low = st_type != at::kFloat;
-  float* ss = low ? nullptr : ssm_state.data_ptr<float>();
-  uint16_t* ss16 = low ? static_cast<uint16_t*>(ssm_state.data_ptr()) : nullptr;
+  const float *cw = w.conv_w, *cb = w.conv_b, *dtb = w.dt_bias, *alog = w.A_log, *dp = w.D,
+              *nw = w.norm_w;
+  const double eps = w.eps;
+  const bool d_per_channel = w.d_per_channel, norm_before_gate = w.norm_before_gate;
+  const bool low = st_type != StateType::f32;
+  float* ss = low ? nullptr : static_cast<float*>(ssm);
+  uint16_t* ss16 = low ? static_cast<uint16_t*>(ssm) : nullptr;
   const bool f16c = use_avx2 && has_f16c();
   // use_avx2 means "vector paths"; the widest this CPU has is taken (DFPLAN_NO_AVX512=1 keeps
   // AVX2, for comparing the two)
@@ -441,23 +414,13 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
     return has_avx512() && !(no && no[0] == '1');
   }();
   const bool avx512 = use_avx2 && avx512_ok;
-  const float* cw = f32_ptr(conv_weight, "conv_weight");
-  const float* cb = conv_bias.has_value() ? f32_ptr(*conv_bias, "conv_bias") : nullptr;
-  const float* dtb = f32_ptr(dt_bias, "dt_bias");
-  const float* alog = f32_ptr(A_log, "A_log");
-  const float* dp = f32_ptr(D, "D");
-  const float* nw = f32_ptr(norm_weight, "norm_weight");
-  TORCH_CHECK(!use_avx2 || has_avx2(), "AVX2/FMA requested but not supported by this CPU");
-  const bool d_per_channel = D.numel() == d_inner;
-
-  auto y = at::empty({Bsz, d_inner}, zxbcdt.options());
-  float* yp = y.data_ptr<float>();
+  DF_CHECK(!use_avx2 || has_avx2(), "AVX2/FMA requested but not supported by this CPU");
   std::vector<float> xbc(static_cast<size_t>(Bsz * conv_dim));
-  const int64_t zw = zxbcdt.size(1);
+  const int64_t zw = d_inner + conv_dim + H;
 
   // conv over (token, channel)
   const bool conv8 = use_avx2 && d_conv == 4;
-  at::parallel_for(0, Bsz * conv_dim, 1024, [&](int64_t i0, int64_t i1) {
+  dfplan_cpu::parallel_for(0, Bsz * conv_dim, 1024, [&](int64_t i0, int64_t i1) {
     for (int64_t i = i0; i < i1;) {
       const int64_t b = i / conv_dim, c = i % conv_dim;
       float* win = cs + i * d_conv;
@@ -488,20 +451,20 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
   // ssm over (token, head): every state element read and written once
   // 16-bit state converted in registers by the AVX2 rows; otherwise (no AVX2, or fp16
   // without F16C) widened into an fp32 scratch per head and narrowed back
-  const bool fused16 = low && use_avx2 && (st_type == at::kBFloat16 || f16c);
+  const bool fused16 = low && use_avx2 && (st_type == StateType::bf16 || f16c);
   // While a head's rows are updated, the next head's same rows are asked for: its state
   // block (16 KB in bf16, 32 KB in fp32 on 1.3B) starts a new stream the hardware
   // prefetcher would only pick up after a few misses.
-  const int64_t row_bytes = N * static_cast<int64_t>(ssm_state.element_size());
-  const char* st_base = static_cast<const char*>(ssm_state.data_ptr());
+  const int64_t row_bytes = N * (low ? 2 : 4);
+  const char* st_base = static_cast<const char*>(ssm);
   auto prefetch_next = [&](int64_t j, int64_t p) {
     if (j + 1 >= Bsz * H) return;
     const char* r = st_base + ((j + 1) * P + p) * row_bytes;
     for (int64_t k = 0; k < row_bytes; k += 64) _mm_prefetch(r + k, _MM_HINT_T0);
   };
-  at::parallel_for(0, Bsz * H, 1, [&](int64_t j0, int64_t j1) {
+  dfplan_cpu::parallel_for(0, Bsz * H, 1, [&](int64_t j0, int64_t j1) {
     std::vector<float> wide(low && !avx512 && !fused16 ? static_cast<size_t>(P * N) : 0);
-    const bool eo = fused16 && !avx512 && st_type == at::kBFloat16;
+    const bool eo = fused16 && !avx512 && st_type == StateType::bf16;
     const int64_t n16 = N / 16 * 16;
     std::vector<float> bc_eo(eo ? static_cast<size_t>(2 * n16) : 0);  // B, C in even/odd order
     int64_t eo_for = -1;                                              // of (token, group)
@@ -523,7 +486,7 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
         for (int64_t p = 0; p < P; ++p) {
           prefetch_next(j, p);
           const float dtx = dt * x[p];
-          const float v = st_type == at::kBFloat16 ? ssm_row16_avx512<kBF16>(st16 + p * N, Bv, Cv, dA, dtx, N)
+          const float v = st_type == StateType::bf16 ? ssm_row16_avx512<kBF16>(st16 + p * N, Bv, Cv, dA, dtx, N)
                                                    : ssm_row16_avx512<kF16>(st16 + p * N, Bv, Cv, dA, dtx, N);
           yo[p] = v + x[p] * (d_per_channel ? dp[h * P + p] : dp[h]);
         }
@@ -547,7 +510,7 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
         for (int64_t p = 0; p < P; ++p) {
           prefetch_next(j, p);
           const float dtx = dt * x[p];
-          const float v = st_type == at::kBFloat16
+          const float v = st_type == StateType::bf16
                               ? ssm_row_bf16_avx2(st16 + p * N, Bv, Cv, dA, dtx, N)
                               : ssm_row_f16_avx2(st16 + p * N, Bv, Cv, dA, dtx, N);
           yo[p] = v + x[p] * (d_per_channel ? dp[h * P + p] : dp[h]);
@@ -555,7 +518,7 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
         continue;
       }
       if (low) {
-        if (st_type == at::kBFloat16)
+        if (st_type == StateType::bf16)
           use_avx2 ? widen_bf16_avx2(st16, st, P * N) : widen_bf16(st16, st, P * N);
         else
           f16c ? widen_f16_avx2(st16, st, P * N) : widen_f16(st16, st, P * N);
@@ -568,7 +531,7 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
         yo[p] = v + x[p] * (d_per_channel ? dp[h * P + p] : dp[h]);
       }
       if (low) {
-        if (st_type == at::kBFloat16)
+        if (st_type == StateType::bf16)
           use_avx2 ? narrow_bf16_avx2(st, st16, P * N) : narrow_bf16(st, st16, P * N);
         else
           f16c ? narrow_f16_avx2(st, st16, P * N) : narrow_f16(st, st16, P * N);
@@ -578,7 +541,7 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
 
   // gated RMSNorm per (token, group)
   const int64_t gs = d_inner / G;
-  at::parallel_for(0, Bsz * G, 1, [&](int64_t k0, int64_t k1) {
+  dfplan_cpu::parallel_for(0, Bsz * G, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t b = k / G, g = k % G;
       float* v = yp + b * d_inner + g * gs;
@@ -591,7 +554,77 @@ at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
       if (norm_before_gate) use_avx2 ? gate_avx2(v, z, gs) : gate_portable(v, z, gs);
     }
   });
+}
+
+}  // namespace dfplan_cpu
+
+#ifndef DFPLAN_LITE
+namespace {
+const float* f32_ptr(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(), name,
+              " must be a contiguous float32 CPU tensor");
+  return t.data_ptr<float>();
+}
+}  // namespace
+
+at::Tensor mamba2_step(const at::Tensor& zxbcdt, at::Tensor conv_state,
+                          at::Tensor ssm_state, const at::Tensor& conv_weight,
+                          const c10::optional<at::Tensor>& conv_bias,
+                          const at::Tensor& dt_bias, const at::Tensor& A_log,
+                          const at::Tensor& D, const at::Tensor& norm_weight, double eps,
+                          int64_t ngroups, int64_t headdim, int64_t d_state,
+                          bool norm_before_gate, bool use_avx2) {
+  const int64_t Bsz = zxbcdt.size(0);
+  const int64_t H = dt_bias.size(0), P = headdim, N = d_state, G = ngroups;
+  const int64_t d_inner = H * P;
+  TORCH_CHECK(conv_state.dim() == 3 && ssm_state.dim() == 4, "bad state ranks");
+  const int64_t conv_dim = conv_state.size(1), d_conv = conv_state.size(2);
+  TORCH_CHECK(conv_dim == d_inner + 2 * G * N, "conv_state width does not match the mixer");
+  TORCH_CHECK(zxbcdt.dim() == 2 && zxbcdt.size(1) == d_inner + conv_dim + H,
+              "zxbcdt must be (B, d_inner + conv_dim + nheads)");
+  TORCH_CHECK(ssm_state.size(0) == Bsz && ssm_state.size(1) == H && ssm_state.size(2) == P &&
+                  ssm_state.size(3) == N, "ssm_state must be (B, nheads, headdim, d_state)");
+  TORCH_CHECK(H % G == 0 && d_inner % G == 0, "nheads must be a multiple of ngroups");
+  TORCH_CHECK(conv_weight.numel() == conv_dim * d_conv, "conv_weight must have conv_dim * d_conv elements");
+  TORCH_CHECK(D.numel() == H || D.numel() == d_inner, "D must have nheads or d_inner elements");
+  const float* zx = f32_ptr(zxbcdt, "zxbcdt");
+  float* cs = const_cast<float*>(f32_ptr(conv_state, "conv_state"));
+  const auto st_type = ssm_state.scalar_type();
+  TORCH_CHECK(ssm_state.device().is_cpu() && ssm_state.is_contiguous() &&
+                  (st_type == at::kFloat || st_type == at::kBFloat16 || st_type == at::kHalf),
+              "ssm_state must be a contiguous float32 / bfloat16 / float16 CPU tensor");
+  const float* cw = f32_ptr(conv_weight, "conv_weight");
+  const float* cb = conv_bias.has_value() ? f32_ptr(*conv_bias, "conv_bias") : nullptr;
+  const float* dtb = f32_ptr(dt_bias, "dt_bias");
+  const float* alog = f32_ptr(A_log, "A_log");
+  const float* dp = f32_ptr(D, "D");
+  const float* nw = f32_ptr(norm_weight, "norm_weight");
+  TORCH_CHECK(!use_avx2 || has_avx2(), "AVX2/FMA requested but not supported by this CPU");
+  const bool d_per_channel = D.numel() == d_inner;
+
+  auto y = at::empty({Bsz, d_inner}, zxbcdt.options());
+  dfplan_cpu::StepWeights w;
+  w.conv_w = cw;
+  w.conv_b = cb;
+  w.dt_bias = dtb;
+  w.A_log = alog;
+  w.D = dp;
+  w.norm_w = nw;
+  w.eps = eps;
+  w.H = H;
+  w.P = P;
+  w.N = N;
+  w.G = G;
+  w.conv_dim = conv_dim;
+  w.d_conv = d_conv;
+  w.d_per_channel = d_per_channel;
+  w.norm_before_gate = norm_before_gate;
+  const auto st = st_type == at::kFloat ? dfplan_cpu::StateType::f32
+                  : st_type == at::kBFloat16 ? dfplan_cpu::StateType::bf16
+                                             : dfplan_cpu::StateType::f16;
+  dfplan_cpu::mamba2_step_raw(w, zx, Bsz, cs, ssm_state.data_ptr(), st, use_avx2, y.data_ptr<float>());
   return y;
 }
 
 bool step_has_avx2() { return has_avx2(); }
+#endif  // DFPLAN_LITE
