@@ -21,16 +21,19 @@ import json
 import mmap
 import os
 import struct
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import DfplanError
 
+if TYPE_CHECKING:
+    import torch
+
 HUGE = 2 << 20          # x86-64 and arm64 (4 KiB base pages) transparent huge page size
 ALIGN = 64              # each tensor starts on a cache line (as torch allocates)
-_DTYPES = {"U8": torch.uint8, "I8": torch.int8, "F16": torch.float16, "BF16": torch.bfloat16,
-           "F32": torch.float32, "F64": torch.float64, "I16": torch.int16, "I32": torch.int32,
-           "I64": torch.int64, "BOOL": torch.bool}
+# safetensors dtype -> bytes per element (torch is imported only by read_tensors: the
+# torch-free runtime, dfplan/lite, reads its weights through read_arena)
+ITEMSIZE = {"U8": 1, "I8": 1, "F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I16": 2, "I32": 4,
+            "I64": 8, "BOOL": 1}
 
 
 def enabled() -> bool:
@@ -59,41 +62,61 @@ def _address(buf: mmap.mmap) -> int:
     return ctypes.addressof(ctypes.c_char.from_buffer(buf))
 
 
-def read_tensors(path, names) -> dict[str, torch.Tensor]:
-    """The tensors `names` of a safetensors file, read into one anonymous mapping advised
-    MADV_HUGEPAGE before anything touches it. Each tensor has its own storage (a view of
-    the mapping, which lives as long as any of them): saving them again sees no shared
-    memory. {} when disabled or there is nothing to read."""
-    names = list(names)
-    if not names or not enabled():
-        return {}
+def read_arena(path, names, huge: bool = True) -> tuple[mmap.mmap, dict[str, tuple[dict, int]]]:
+    """Read the tensors `names` of a safetensors file into one anonymous mapping, advised
+    MADV_HUGEPAGE (when `huge`) before anything touches it, each tensor 64-byte aligned.
+    Returns (mapping, {name: (header entry, byte offset in the mapping)})."""
     data_start, header = safetensors_index(path)
     spans, total = [], 0
     for name in names:
         info = header[name]
-        if info["dtype"] not in _DTYPES:
+        if info["dtype"] not in ITEMSIZE:
             raise DfplanError(f"{path}: {name} has dtype {info['dtype']}, which {__name__} does not read")
         begin, end = info["data_offsets"]
         spans.append((name, info, begin, end - begin, total))
         total += -(-(end - begin) // ALIGN) * ALIGN
     # anonymous, private; HUGE more than needed so the tensors can start on a 2 MB boundary
-    buf = mmap.mmap(-1, total + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    buf = mmap.mmap(-1, max(total, 1) + HUGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     base = -_address(buf) % HUGE
-    try:
-        buf.madvise(mmap.MADV_HUGEPAGE, base, total)
-    except OSError:             # THP not built into this kernel: ordinary pages
-        pass
-    out = {}
+    if huge and hasattr(mmap, "MADV_HUGEPAGE"):
+        try:
+            buf.madvise(mmap.MADV_HUGEPAGE, base, max(total, 1))
+        except OSError:         # THP not built into this kernel: ordinary pages
+            pass
+    where = {}
     view = memoryview(buf)
-    with open(path, "rb") as f:
-        for name, info, begin, nbytes, off in spans:
-            f.seek(data_start + begin)
-            if f.readinto(view[base + off:base + off + nbytes]) != nbytes:
-                raise DfplanError(f"{path} ends inside tensor {name}: the file is truncated")
-            dtype = _DTYPES[info["dtype"]]
-            count = nbytes // dtype.itemsize
-            t = torch.frombuffer(buf, dtype=dtype, count=count, offset=base + off) if count else \
-                torch.empty(0, dtype=dtype)
-            out[name] = t.view(info["shape"])
-    view.release()
+    try:
+        with open(path, "rb") as f:
+            for name, info, begin, nbytes, off in spans:
+                f.seek(data_start + begin)
+                if f.readinto(view[base + off:base + off + nbytes]) != nbytes:
+                    raise DfplanError(f"{path} ends inside tensor {name}: the file is truncated")
+                where[name] = (info, base + off)
+    finally:
+        view.release()
+    return buf, where
+
+
+def read_tensors(path, names) -> dict[str, "torch.Tensor"]:
+    """The tensors `names` of a safetensors file, read into one anonymous mapping advised
+    MADV_HUGEPAGE before anything touches it. Each tensor has its own storage (a view of
+    the mapping, which lives as long as any of them): saving them again sees no shared
+    memory. {} when disabled or there is nothing to read."""
+    import torch
+
+    names = list(names)
+    if not names or not enabled():
+        return {}
+    buf, where = read_arena(path, names)
+    out = {}
+    for name, (info, off) in where.items():
+        dtype = getattr(torch, _TORCH_NAMES.get(info["dtype"], ""), None)
+        count = (info["data_offsets"][1] - info["data_offsets"][0]) // ITEMSIZE[info["dtype"]]
+        t = torch.frombuffer(buf, dtype=dtype, count=count, offset=off) if count else \
+            torch.empty(0, dtype=dtype)
+        out[name] = t.view(info["shape"])
     return out
+
+
+_TORCH_NAMES = {"U8": "uint8", "I8": "int8", "F16": "float16", "BF16": "bfloat16", "F32": "float32",
+                "F64": "float64", "I16": "int16", "I32": "int32", "I64": "int64", "BOOL": "bool"}

@@ -1,30 +1,32 @@
 """Kernels for dfplan's compressed formats: pure-torch reference twins (linear_ref.py, step_ref.py), C++ CPU
-kernels (cpu.py, csrc/), Triton GPU kernels (triton_*.py) and the dispatch between them."""
-from .dispatch import (
-    MODES,
-    binary_linear,
-    int8_embedding,
-    int8_linear,
-    kernel_mode,
-    mamba2_step,
-    preferred_bits_layout,
-    select_backend,
-)
-from .linear_ref import (
-                       binary_dequantize_ref,
-                       binary_linear_ref,
-                       int8_linear_ref,
-                       intn_dequantize_ref,
-                       intn_embedding_ref,
-                       intn_linear_ref,
-                       quantize_activations_ref,
-)
-from .step_ref import mamba2_step_ref
+kernels (cpu.py, csrc/), Triton GPU kernels (triton_*.py) and the dispatch between them.
 
-__all__ = [
-    "MODES", "binary_linear", "int8_linear", "int8_embedding", "kernel_mode", "select_backend",
-    "preferred_bits_layout",
-    "mamba2_step", "mamba2_step_ref",
-    "binary_linear_ref", "binary_dequantize_ref", "int8_linear_ref", "intn_dequantize_ref",
-    "intn_linear_ref", "intn_embedding_ref", "quantize_activations_ref",
-]
+The names below are imported on first use, so that `dfplan.kernels.build` (which the
+torch-free runtime, dfplan/lite, uses to compile its library) does not import torch.
+"""
+import importlib
+
+_FROM = {
+    "MODES": "dispatch", "binary_linear": "dispatch", "int8_embedding": "dispatch",
+    "int8_linear": "dispatch", "kernel_mode": "dispatch", "mamba2_step": "dispatch",
+    "preferred_bits_layout": "dispatch", "select_backend": "dispatch",
+    "binary_dequantize_ref": "linear_ref", "binary_linear_ref": "linear_ref",
+    "int8_linear_ref": "linear_ref", "intn_dequantize_ref": "linear_ref",
+    "intn_embedding_ref": "linear_ref", "intn_linear_ref": "linear_ref",
+    "quantize_activations_ref": "linear_ref", "mamba2_step_ref": "step_ref",
+}
+
+__all__ = list(_FROM)
+
+
+def __getattr__(name):
+    mod = _FROM.get(name)
+    if mod is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f".{mod}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

@@ -162,25 +162,30 @@ def _compile(name: str, sources: list[Path], flags: list[str], build_dir: Path):
 
 
 def load_or_build(name: str, sources: list[Path], headers: list[Path], flags: list[str],
-                  torch_version: str, say=None, root: Path | None = None, compile_fn=None):
+                  torch_version: str, say=None, root: Path | None = None, compile_fn=None,
+                  loader=None, suffix: str = ".so"):
     """The extension module `name`: loaded from the cache, else compiled (once across processes).
 
-    Raises whatever the compiler raises; the caller falls back to the reference path.
+    compile_fn(name, sources, flags, build_dir) compiles into build_dir/<name><suffix> and
+    returns the loaded module; loader(name, path) loads a finished build (default: a Python
+    extension module; the torch-free library passes ctypes.CDLL). Raises whatever the
+    compiler raises; the caller falls back to the reference path.
     """
     say = say or (lambda m: print(m, file=sys.stderr, flush=True))
     compile_fn = compile_fn or _compile
+    load_module_ = loader or load_module
     root = root or cache_root()
     key = build_key(sources + headers, flags, torch_version)
     final, lock = root / key, root / f"{key}.lock"
-    so = final / f"{name}.so"
+    so = final / f"{name}{suffix}"
     if so.exists():
-        return load_module(name, so)
+        return load_module_(name, so)
     root.mkdir(parents=True, exist_ok=True)
     timeout = lock_timeout()
     waited_note = time.monotonic()
     while not try_lock(lock):
         if so.exists():
-            return load_module(name, so)
+            return load_module_(name, so)
         info = read_lock(lock)
         if info is None:
             continue                                   # released between our two looks
@@ -196,7 +201,7 @@ def load_or_build(name: str, sources: list[Path], headers: list[Path], flags: li
         time.sleep(_POLL_S)
     try:
         if so.exists():                                # built while we waited for the lock
-            return load_module(name, so)
+            return load_module_(name, so)
         _clean_tmp(root, key)
         tmp = root / f"{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)

@@ -26,20 +26,38 @@ import click
 @click.option("--device", default=None, help="cpu (default) or cuda.")
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
 @click.option("--stats", is_flag=True, help="Print prefill ms, decode tok/s and peak RSS to stderr.")
+@click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "torch", "lite"]),
+              help="lite: the torch-free library (packed DF-SSM artifacts, CPU, ~225 MiB less memory); "
+                   "auto: lite where it applies, else torch.")
 def command(model_arg, prompt, prompt_file, tokenizer, max_new_tokens, temperature, top_k, top_p,
-            seed, stop, state_dtype, no_eos, no_stream, device, threads, stats):
-    from ..runtime.generate import generate_to, read_prompt
+            seed, stop, state_dtype, no_eos, no_stream, device, threads, stats, runtime):
+    from ..errors import DfplanError
+    from ..prompting import read_prompt
 
     text = read_prompt(prompt, prompt_file)
-    if threads:
-        import torch
-        torch.set_num_threads(threads)
-    res = generate_to(sys.stdout, model_arg, text, tokenizer=tokenizer, max_new_tokens=max_new_tokens,
-                      temperature=temperature, top_k=top_k, top_p=top_p, seed=seed, stop=stop,
-                      state_dtype=state_dtype, stream=not no_stream, device=device, eos=not no_eos)
+    kw = dict(tokenizer=tokenizer, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+              top_p=top_p, seed=seed, stop=stop, state_dtype=state_dtype, stream=not no_stream,
+              eos=not no_eos)
+    if runtime != "torch":
+        from ..lite.model import unsupported
+        why = unsupported(model_arg) if device in (None, "cpu") else f"--device {device}"
+        if runtime == "lite" and why:
+            raise DfplanError(f"--runtime lite cannot run {model_arg}: {why}; use --runtime torch")
+        runtime = "torch" if why else "lite"
+    if runtime == "lite":
+        from ..lite.generate import generate_to
+        res = generate_to(sys.stdout, model_arg, text, threads=threads, **kw)
+    else:
+        from ..runtime.generate import generate_to
+        if threads:
+            import torch
+            torch.set_num_threads(threads)
+        res = generate_to(sys.stdout, model_arg, text, device=device, **kw)
+        res["runtime"] = "torch"
     if stats:
         click.echo(f"prefill {res['prefill_ms']:.1f} ms ({res['prompt_tokens']} tokens), "
                    f"decode {res['decode_tok_s']:.2f} tok/s ({res['new_tokens']} tokens), "
                    f"peak RSS {res['peak_rss_bytes'] / 2**20:.1f} MiB, load {res['load_s']:.2f} s, "
-                   f"SSM state {res['state_dtype']} ({res['state_dtype_from']})", err=True)
+                   f"SSM state {res['state_dtype']} ({res['state_dtype_from']}), runtime {res['runtime']}",
+                   err=True)
         click.echo(json.dumps(res), err=True)

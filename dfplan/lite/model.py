@@ -1,0 +1,384 @@
+"""A packed artifact run by the torch-free library: load, then generate ids or text.
+
+Reads the same directory `dfplan.load` reads (manifest and checksums first), into one
+anonymous mapping in 2 MB pages (dfplan.hugepages.read_arena), and hands the library
+pointers into it. fp16 fixed tensors (norms, conv, A_log, D, dt_bias) are widened to fp32
+once, as `load_packed` does for the torch model; compressed payloads keep their bytes.
+
+Supported: every mixer's in_proj and out_proj 1-bit (row or FBI scales, int8 low-rank
+correction), the tied embedding int8 row-wise: the DF-SSM layouts. Anything else raises a
+DfplanError that names what is unsupported (`--runtime torch` runs every format).
+"""
+from __future__ import annotations
+
+import ctypes
+import json
+import mmap
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from .. import hugepages
+from ..config import Mamba2Config
+from ..errors import DfplanError
+from ..packed_files import CONFIG, PLAN, TOKENIZER, WEIGHTS, read_manifest, verify_packed
+from ..textstream import TextTracker
+from ..tokenizer import eos_id as tokenizer_eos_id
+from ..tokenizer import load_tokenizer
+from . import native
+
+STATE_TYPES = {"fp32": 0, "bf16": 1, "fp16": 2}
+_ROWS, _ROW_BLOCKS = 0, 1
+
+
+@dataclass
+class LiteStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    steps: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_ms(self) -> float:
+        return 1000.0 * self.prefill_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        # tokens from recurrent steps (the first new token comes from the prefill)
+        return self.steps / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def to_json(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "steps": self.steps, "batch": 1, "prefill_ms": self.prefill_ms,
+                "decode_s": self.decode_s, "decode_tok_s": self.decode_tok_s}
+
+
+def _sampling(temperature, top_k, top_p) -> None:
+    if not (temperature >= 0.0):
+        raise DfplanError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if int(top_k) != top_k or top_k < 0:
+        raise DfplanError(f"top_k must be a non-negative integer (0 = off), got {top_k}")
+    if not (0.0 < top_p <= 1.0):
+        raise DfplanError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+class LiteModel:
+    """A packed 1-bit Mamba-2 artifact on the torch-free CPU library (batch 1)."""
+
+    def __init__(self, path, *, tokenizer=None, state_dtype: str | None = None,
+                 threads: int | None = None, verify: bool = True, prefill_chunk: int = 64,
+                 isa: int | None = None):
+        if state_dtype is not None and state_dtype not in STATE_TYPES:
+            raise DfplanError(f"state dtype must be one of {sorted(STATE_TYPES)}, got {state_dtype!r}")
+        d = Path(path).expanduser()
+        if not d.is_dir():
+            raise DfplanError(f"packed checkpoint directory {d} does not exist")
+        self.manifest = verify_packed(d) if verify else read_manifest(d)
+        raw = json.loads((d / CONFIG).read_text())
+        self.config = cfg = Mamba2Config.from_dict(raw["dfplan_config"], name=raw.get("name", d.name))
+        plan = json.loads((d / PLAN).read_text())
+        self._check_supported(cfg)
+        self.lib = lib = native.library()
+        if threads:
+            lib.dfl_set_threads(int(threads))
+        self.isa = int(lib.dfl_best_isa()) if isa is None else int(isa)
+        planned = plan.get("state_dtype", "fp32")
+        self.state_dtype_name = state_dtype or planned
+        self.state_dtype_origin = "argument" if state_dtype else ("plan" if planned != "fp32" else "default")
+        self.tokenizer = None
+        tok_path = tokenizer if tokenizer is not None else (d / TOKENIZER if (d / TOKENIZER).exists() else None)
+        if tok_path is not None:
+            self.tokenizer = load_tokenizer(tok_path)
+            if self.tokenizer.get_vocab_size() > cfg.vocab_padded:
+                raise DfplanError(f"the tokenizer has {self.tokenizer.get_vocab_size():,} tokens but the model "
+                                  f"only {cfg.vocab_padded:,} embeddings: wrong tokenizer for {d}")
+        self.path = d
+        self._load(d / WEIGHTS, cfg, prefill_chunk)
+        self.last_stats: LiteStats | None = None
+
+    # -- loading ---------------------------------------------------------------------------
+    @staticmethod
+    def _check_supported(cfg: Mamba2Config) -> None:
+        why = []
+        if cfg.attn_layer_idx:
+            why.append("attention layers")
+        if cfg.d_intermediate:
+            why.append("MLP blocks")
+        if not cfg.tie_embeddings:
+            why.append("an untied lm_head")
+        if not cfg.residual_in_fp32:
+            why.append("a residual stream that is not fp32")
+        if why:
+            raise DfplanError(f"the lite runtime runs pure Mamba-2 models with a tied head; this one has "
+                              f"{', '.join(why)}: use --runtime torch")
+
+    def _load(self, weights: Path, cfg: Mamba2Config, chunk: int) -> None:
+        _, header = hugepages.safetensors_index(weights)
+        self._header = header
+        need = ["backbone.embedding.qweight", "backbone.embedding.scale", "backbone.norm_f.weight"]
+        for k in need:
+            if k not in header:
+                raise DfplanError(f"{weights} has no {k}: the lite runtime needs the int8 tied embedding "
+                                  "(the DF-SSM layouts); use --runtime torch")
+        if header["backbone.embedding.qweight"]["dtype"] != "I8":
+            raise DfplanError(f"{weights}: the embedding is not int8; use --runtime torch")
+        self._arena, self._where = hugepages.read_arena(weights, list(header), huge=hugepages.enabled())
+        self._keep = []                      # fp32 copies and ctypes structs the library points into
+        lib = self.lib
+        f16c = bool(lib.dfl_has_f16c()) and self.isa >= 1
+        blocks = self.isa >= 1 and os.environ.get("DFPLAN_ROW_BLOCKS", "1") != "0"
+        self._model = lib.dfl_create(cfg.d_model, cfg.vocab_padded, self.isa, int(self.isa >= 1),
+                                     STATE_TYPES[self.state_dtype_name], chunk)
+        if not self._model:
+            raise DfplanError(f"cannot create the lite model: {native.last_error()}")
+        self._fp32 = self._widen_all(cfg)
+        for i in range(cfg.n_layer):
+            p = f"backbone.layers.{i}."
+            lin = [self._binary(p + "mixer." + n, f16c, blocks) for n in ("in_proj", "out_proj")]
+            step = native.StepWeights(
+                conv_w=self._f32(p + "mixer.conv1d.weight"),
+                conv_b=self._f32(p + "mixer.conv1d.bias", optional=True),
+                dt_bias=self._f32(p + "mixer.dt_bias"), A_log=self._f32(p + "mixer.A_log"),
+                D=self._f32(p + "mixer.D"), norm_w=self._f32(p + "mixer.norm.weight"),
+                eps=cfg.norm_epsilon, H=cfg.nheads, P=cfg.headdim, N=cfg.d_state, G=cfg.ngroups,
+                conv_dim=cfg.conv_dim, d_conv=cfg.d_conv,
+                d_per_channel=self._numel(p + "mixer.D") == cfg.d_inner,
+                norm_before_gate=bool(cfg.norm_before_gate))
+            self._keep += [*lin, step]
+            native.check(lib.dfl_add_layer(self._model, self._f32(p + "norm.weight"), cfg.norm_epsilon,
+                                           ctypes.byref(lin[0]), ctypes.byref(lin[1]), ctypes.byref(step)),
+                         f"layer {i}")
+        native.check(lib.dfl_set_head(self._model, self._ptr("backbone.embedding.qweight"),
+                                      self._f32("backbone.embedding.scale"),
+                                      self._f32("backbone.norm_f.weight"), cfg.norm_epsilon), "head")
+        self._logits = (ctypes.c_float * cfg.vocab_padded)()
+
+    def _numel(self, name: str) -> int:
+        n = 1
+        for s in self._header[name]["shape"]:
+            n *= s
+        return n
+
+    def _ptr(self, name: str, optional: bool = False):
+        if name not in self._where:
+            if optional:
+                return None
+            raise DfplanError(f"{self.path / WEIGHTS} has no {name}; use --runtime torch")
+        return ctypes.addressof(ctypes.c_char.from_buffer(self._arena, self._where[name][1]))
+
+    def _widen_all(self, cfg) -> dict:
+        """fp32 copies of every float tensor that is not a 1-bit layer's per-row vector,
+        in one more anonymous mapping; {name: address}."""
+        names = [k for k, (info, _) in self._where.items()
+                 if info["dtype"] in ("F16", "BF16", "F32") and not k.endswith((".row_scale", ".u_scale"))]
+        total = sum(-(-self._numel(k) * 4 // 64) * 64 for k in names)
+        self._fp32_buf = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        base = ctypes.addressof(ctypes.c_char.from_buffer(self._fp32_buf))
+        out, off = {}, 0
+        for k in names:
+            n, src = self._numel(k), self._ptr(k)
+            dt = self._where[k][0]["dtype"]
+            if dt == "F16":
+                self.lib.dfl_f16_to_f32(src, base + off, n)
+            elif dt == "BF16":
+                self.lib.dfl_bf16_to_f32(src, base + off, n)
+            else:
+                ctypes.memmove(base + off, src, n * 4)
+            out[k] = base + off
+            off += -(-n * 4 // 64) * 64
+        return out
+
+    def _f32(self, name: str, optional: bool = False):
+        if name not in self._fp32:
+            if optional and name not in self._where:
+                return None
+            raise DfplanError(f"{self.path / WEIGHTS}: {name} is missing or not a float tensor; "
+                              "use --runtime torch")
+        return self._fp32[name]
+
+    def _rowvec(self, name: str, f16c: bool) -> native.RowVec:
+        if name not in self._where:
+            return native.RowVec()
+        if f16c and self._where[name][0]["dtype"] == "F16":
+            return native.RowVec(f16=self._ptr(name))
+        if name not in self._fp32:                  # fp16 row vector on a CPU without F16C
+            n, buf = self._numel(name), (ctypes.c_float * self._numel(name))()
+            self.lib.dfl_f16_to_f32(self._ptr(name), buf, n)
+            self._keep.append(buf)
+            self._fp32[name] = ctypes.addressof(buf)
+        return native.RowVec(f32=self._fp32[name])
+
+    def _binary(self, prefix: str, f16c: bool, blocks: bool) -> native.BinaryWeights:
+        h = self._header
+        bits = h.get(prefix + ".bits")
+        if bits is None or bits["dtype"] != "U8":
+            raise DfplanError(f"{prefix} is not a 1-bit layer; the lite runtime runs the DF-SSM layouts "
+                              "(every in_proj / out_proj 1-bit): use --runtime torch")
+        out, nb = bits["shape"]
+        w = native.BinaryWeights(bits=self._ptr(prefix + ".bits"), out=out, nb=nb,
+                                 layout=_ROW_BLOCKS if blocks else _ROWS)
+        if prefix + ".col_scale" in h:                               # FBI scales
+            w.in_ = h[prefix + ".col_scale"]["shape"][0]
+            w.col_scale, w.col_shift = self._f32(prefix + ".col_scale"), self._f32(prefix + ".col_shift")
+        else:
+            w.row_scale = self._rowvec(prefix + ".row_scale", f16c)
+        if prefix + ".u" in h:
+            u, v = h[prefix + ".u"], h[prefix + ".v"]
+            if u["dtype"] != "I8" or v["dtype"] != "I8" or len(u["shape"]) != 2 or u["shape"][0] != out:
+                raise DfplanError(f"{prefix}: the low-rank correction is not int8 (rank bits < 8); "
+                                  "use --runtime torch")
+            w.r = u["shape"][1]
+            w.u, w.v = self._ptr(prefix + ".u"), self._ptr(prefix + ".v")
+            w.u_scale = self._rowvec(prefix + ".u_scale", f16c)
+            w.v_scale = self._f32(prefix + ".v_scale")
+            w.in_ = w.in_ or v["shape"][1]
+        w.bias = self._rowvec(prefix + ".bias", f16c)
+        if not w.in_:      # no FBI and no correction: the width is the row's bytes
+            w.in_ = self._in_features(prefix, nb)
+        if blocks:
+            self.lib.dfl_reorder_row_blocks(w.bits, out, nb)
+        return w
+
+    def _in_features(self, prefix: str, nb: int) -> int:
+        cfg = self.config
+        want = cfg.d_model if prefix.endswith("in_proj") else cfg.d_inner
+        if (want + 7) // 8 != nb:
+            raise DfplanError(f"{prefix}.bits has {nb} bytes a row, not {(want + 7) // 8}")
+        return want
+
+    # -- running -----------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.lib.dfl_reset(self._model)
+
+    def state_bytes(self) -> int:
+        return int(self.lib.dfl_state_bytes(self._model))
+
+    def forward(self, ids) -> ctypes.Array:
+        """Run `ids` (prefill, or one decode step) from the current state; the logits of the
+        last token (a ctypes float array of vocab_padded entries, overwritten next call)."""
+        arr = (ctypes.c_int32 * len(ids))(*ids)
+        native.check(self.lib.dfl_forward(self._model, arr, len(ids), self._logits), "forward")
+        return self._logits
+
+    def logits(self, ids) -> list[float]:
+        """A copy of the last token's logits after `ids`, from a zero state."""
+        self.reset()
+        return list(self.forward(ids))
+
+    def eos_id(self) -> int | None:
+        return None if self.tokenizer is None else tokenizer_eos_id(self.tokenizer)
+
+    def generate_ids(self, prompt_ids, max_new_tokens: int = 32, *, temperature: float = 0.0,
+                     top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                     eos: bool = True) -> Iterator[int]:
+        """An iterator of the new ids, one by one (stops after max_new_tokens, or at the eos
+        id); bad arguments raise here, before anything runs."""
+        if isinstance(max_new_tokens, bool) or int(max_new_tokens) <= 0:
+            raise DfplanError(f"max_new_tokens must be a positive integer, got {max_new_tokens}")
+        ids = [int(i) for i in prompt_ids]
+        if not ids:
+            raise DfplanError("the prompt has no tokens; give at least one")
+        _sampling(temperature, top_k, top_p)
+        return self._ids(ids, int(max_new_tokens), temperature, top_k, top_p, seed,
+                         self.eos_id() if eos else None)
+
+    def _ids(self, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id) -> Iterator[int]:
+        rng = random.Random(seed)
+        st = self.last_stats = LiteStats(prompt_tokens=len(ids))
+        lib, model, logits, V = self.lib, self._model, self._logits, self.config.vocab_padded
+        one = (ctypes.c_int32 * 1)()
+        self.reset()
+        t0 = time.perf_counter()
+        self.forward(ids)
+        nxt = lib.dfl_sample(logits, V, temperature, top_k, top_p, rng.random())
+        st.prefill_s = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        for k in range(max_new_tokens):
+            if nxt == eos_id:
+                break
+            st.new_tokens += 1
+            yield nxt
+            if k + 1 == max_new_tokens:
+                break
+            one[0] = nxt
+            if lib.dfl_forward(model, one, 1, logits):
+                native.check(-1, "decode step")
+            st.steps += 1
+            nxt = lib.dfl_sample(logits, V, temperature, top_k, top_p, rng.random())
+        st.decode_s = time.perf_counter() - t1
+
+    def generate(self, prompt_ids, max_new_tokens: int = 32, **kw) -> list[int]:
+        """prompt ids -> prompt + new ids."""
+        return [int(i) for i in prompt_ids] + list(self.generate_ids(prompt_ids, max_new_tokens, **kw))
+
+    def generate_text(self, prompt: str, max_new_tokens: int = 64, *, stream: bool = False,
+                      stop=None, **kw):
+        """The new text (not the prompt); stream=True yields it piece by piece instead."""
+        if self.tokenizer is None:
+            raise DfplanError(f"{self.path} has no tokenizer.json; pass tokenizer= (a tokenizer.json "
+                              "file, a folder holding one, or a hub id)")
+        if not isinstance(prompt, str):
+            raise DfplanError(f"the prompt is {type(prompt).__name__}, not a string")
+        ids = self.tokenizer.encode(prompt).ids
+        if not ids:
+            raise DfplanError(f"the prompt ({prompt[:40]!r}) tokenizes to nothing; give at least one token of text")
+        stops = tuple(stop or ())
+        if any(not s for s in stops):
+            raise DfplanError("a stop string must not be empty")
+        gen = self._text(ids, max_new_tokens, stops, kw)
+        return gen if stream else "".join(gen)
+
+    def _text(self, ids, max_new_tokens, stops, kw) -> Iterator[str]:
+        pieces: list[str] = []
+        tracker = TextTracker(self.tokenizer, 1, stops, stream_row=0, emit=pieces.append)
+        for t, nxt in enumerate(self.generate_ids(ids, max_new_tokens, **kw)):
+            done = tracker([nxt], t)
+            yield from pieces
+            pieces.clear()
+            if done:
+                break
+        tracker.flush(tracker.texts[0])
+        yield from pieces
+
+    def close(self) -> None:
+        if getattr(self, "_model", None):
+            self.lib.dfl_destroy(self._model)
+            self._model = None
+
+    def __del__(self):
+        self.close()
+
+
+def load(path, **kw) -> LiteModel:
+    """dfplan.lite.load(packed_dir, tokenizer=None, state_dtype=None, threads=None)."""
+    return LiteModel(path, **kw)
+
+
+
+def unsupported(path) -> str | None:
+    """Why the lite runtime cannot run `path` (None: it can), from the config and the
+    safetensors header alone: nothing is loaded."""
+    d = Path(path).expanduser()
+    if not (d.is_dir() and (d / "manifest.json").exists()):
+        return "not a packed artifact"
+    try:
+        raw = json.loads((d / CONFIG).read_text())
+        cfg = Mamba2Config.from_dict(raw["dfplan_config"], name=raw.get("name", d.name))
+        LiteModel._check_supported(cfg)
+        _, h = hugepages.safetensors_index(d / WEIGHTS)
+    except (OSError, KeyError, TypeError, ValueError, DfplanError) as e:
+        return str(e)
+    if h.get("backbone.embedding.qweight", {}).get("dtype") != "I8":
+        return "the embedding is not int8"
+    for i in range(cfg.n_layer):
+        for proj in ("in_proj", "out_proj"):
+            p = f"backbone.layers.{i}.mixer.{proj}"
+            if h.get(p + ".bits", {}).get("dtype") != "U8":
+                return f"{p} is not 1-bit"
+            if p + ".u" in h and h[p + ".u"]["dtype"] != "I8":
+                return f"{p}'s correction is not int8"
+    return None

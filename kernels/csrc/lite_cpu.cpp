@@ -1,0 +1,258 @@
+// The torch-free decode library (dfplan/lite): a C ABI over the same kernels the torch
+// extension runs, built with -DDFPLAN_LITE and loaded through ctypes.
+//
+// Why: torch alone is ~225 MiB of a process's RSS (its C++ heap and Python modules), more
+// than the 1-bit weights of Mamba-2 1.3B. A packed artifact whose linears are all 1-bit and
+// whose head is the tied int8 embedding needs nothing from torch to decode: this file holds
+// the layer loop (stack_cpu.cpp's, on raw pointers), the embedding row, the final norm, the
+// int8 head and the sampler. The Python side (dfplan/lite/) reads the safetensors file into
+// memory it owns and hands the pointers over; nothing here allocates weights.
+//
+// Prefill runs layer by layer over up to `chunk` tokens at a time: each layer's in_proj and
+// out_proj read their weights once for the whole chunk (the kernels' multi-token path), and
+// the SSM recurrence steps through the chunk's tokens in order, its state (2 MB a layer on
+// 1.3B) staying in cache. It is the decode step's maths, token for token, in bounded memory.
+#include "cpu_common.h"
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <exception>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <vector>
+
+namespace {
+
+using namespace dfplan_cpu;
+
+thread_local std::string g_error;
+
+struct Layer {
+  const float* norm_w;  // (d,)
+  float eps;
+  BinaryWeights in, out;
+  StepWeights step;
+  std::vector<float> conv;     // (conv_dim, d_conv)
+  std::vector<uint8_t> ssm;    // (H, P, N) in the state type
+};
+
+class LiteModel {
+ public:
+  LiteModel(int64_t d, int64_t vocab, int64_t isa, bool use_avx2, StateType st, int64_t chunk)
+      : d_(d), vocab_(vocab), isa_(isa), use_avx2_(use_avx2), st_(st), chunk_(std::max<int64_t>(chunk, 1)) {}
+
+  void add_layer(const float* norm_w, double eps, const BinaryWeights& in, const BinaryWeights& out,
+                 const StepWeights& step) {
+    DF_CHECK(in.in == d_ && out.out == d_, "layer ", layers_.size(), ": in_proj takes ", in.in,
+             " and out_proj gives ", out.out, " features, the model width is ", d_);
+    const int64_t d_inner = step.H * step.P;
+    DF_CHECK(in.out == 2 * d_inner + 2 * step.G * step.N + step.H && out.in == d_inner,
+             "layer ", layers_.size(), ": projection widths do not match the mixer");
+    DF_CHECK(step.conv_dim == d_inner + 2 * step.G * step.N, "conv width does not match the mixer");
+    Layer l{norm_w, float(eps), in, out, step, {}, {}};
+    l.conv.assign(static_cast<size_t>(step.conv_dim * step.d_conv), 0.f);
+    l.ssm.assign(static_cast<size_t>(step.H * step.P * step.N * (st_ == StateType::f32 ? 4 : 2)), 0);
+    zx_w_ = std::max(zx_w_, in.out);
+    y_w_ = std::max(y_w_, d_inner);
+    layers_.push_back(std::move(l));
+  }
+
+  void set_head(const int8_t* q, const float* scale, const float* norm_w, double eps) {
+    emb_q_ = q;
+    emb_scale_ = scale;
+    norm_f_ = norm_w;
+    norm_eps_ = float(eps);
+  }
+
+  void reset() {
+    for (auto& l : layers_) {
+      std::fill(l.conv.begin(), l.conv.end(), 0.f);
+      std::fill(l.ssm.begin(), l.ssm.end(), 0);
+    }
+  }
+
+  int64_t state_bytes() const {
+    int64_t n = 0;
+    for (const auto& l : layers_) n += int64_t(l.conv.size() * 4 + l.ssm.size());
+    return n;
+  }
+
+  // ids (T,) -> logits (vocab,) of the last token; states advanced by T tokens
+  void forward(const int32_t* ids, int64_t T, float* logits) {
+    DF_CHECK(!layers_.empty() && emb_q_, "the model has no layers or no head yet");
+    DF_CHECK(T > 0, "forward needs at least one token");
+    for (int64_t i = 0; i < T; ++i)
+      DF_CHECK(ids[i] >= 0 && ids[i] < vocab_, "token id ", ids[i], " is outside [0, ", vocab_, ")");
+    const int64_t C = std::min(T, chunk_);
+    hidden_.resize(static_cast<size_t>(C * d_));
+    residual_.resize(static_cast<size_t>(C * d_));
+    normed_.resize(static_cast<size_t>(C * d_));
+    zx_.resize(static_cast<size_t>(C * zx_w_));
+    y_.resize(static_cast<size_t>(C * y_w_));
+    for (int64_t t0 = 0; t0 < T; t0 += C) {
+      const int64_t n = std::min(C, T - t0);
+      for (int64_t t = 0; t < n; ++t) {  // int8 row times its scale, as int8_embedding does
+        const int8_t* q = emb_q_ + int64_t(ids[t0 + t]) * d_;
+        const float s = emb_scale_[ids[t0 + t]];
+        float* h = hidden_.data() + t * d_;
+        for (int64_t i = 0; i < d_; ++i) h[i] = float(q[i]) * s;
+      }
+      bool first = true;
+      for (auto& l : layers_) {
+        add_rms_norm(hidden_.data(), residual_.data(), first, l.norm_w, l.eps, n, d_, normed_.data());
+        first = false;
+        binary_linear_raw(l.in, isa_, normed_.data(), n, zx_.data());
+        const int64_t d_inner = l.step.H * l.step.P;
+        for (int64_t t = 0; t < n; ++t)
+          mamba2_step_raw(l.step, zx_.data() + t * l.in.out, 1, l.conv.data(), l.ssm.data(), st_,
+                          use_avx2_, y_.data() + t * d_inner);
+        binary_linear_raw(l.out, isa_, y_.data(), n, hidden_.data());
+      }
+      if (t0 + n < T) continue;
+      // head on the last token: residual += hidden, final norm, int8 logits
+      const int64_t last = n - 1;
+      add_rms_norm(hidden_.data() + last * d_, residual_.data() + last * d_, false, norm_f_, norm_eps_,
+                   1, d_, normed_.data());
+      int8_linear_raw(emb_q_, vocab_, d_, emb_scale_, nullptr, isa_, normed_.data(), 1, logits);
+    }
+  }
+
+ private:
+  int64_t d_, vocab_, isa_;
+  bool use_avx2_;
+  StateType st_;
+  int64_t chunk_;
+  int64_t zx_w_ = 0, y_w_ = 0;
+  std::vector<Layer> layers_;
+  const int8_t* emb_q_ = nullptr;
+  const float* emb_scale_ = nullptr;
+  const float* norm_f_ = nullptr;
+  float norm_eps_ = 1e-5f;
+  std::vector<float> hidden_, residual_, normed_, zx_, y_;
+};
+
+template <typename F>
+int guarded(F&& f) {
+  try {
+    f();
+    return 0;
+  } catch (const std::exception& e) {
+    g_error = e.what();
+  } catch (...) {
+    g_error = "unknown C++ exception";
+  }
+  return -1;
+}
+
+}  // namespace
+
+extern "C" {
+
+const char* dfl_last_error() { return g_error.c_str(); }
+
+// sizeof of the structs the Python side mirrors with ctypes: a mismatch stops the load
+int64_t dfl_abi(int64_t which) {
+  switch (which) {
+    case 0: return 3;  // ABI version
+    case 1: return int64_t(sizeof(BinaryWeights));
+    case 2: return int64_t(sizeof(StepWeights));
+    case 3: return int64_t(sizeof(RowVec));
+    default: return -1;
+  }
+}
+
+int64_t dfl_best_isa() { return best_isa(); }
+int dfl_has_f16c() {
+  __builtin_cpu_init();
+  return __builtin_cpu_supports("f16c") ? 1 : 0;
+}
+void dfl_set_threads(int n) { omp_set_num_threads(std::max(1, n)); }
+int dfl_max_threads() { return omp_get_max_threads(); }
+
+void dfl_f16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = half_to_float(src[i]);
+}
+void dfl_bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t b = uint32_t(src[i]) << 16;
+    std::memcpy(dst + i, &b, 4);
+  }
+}
+void dfl_reorder_row_blocks(uint8_t* bits, int64_t out, int64_t nb) {
+  reorder_row_blocks_raw(bits, out, nb, true);
+}
+
+void* dfl_create(int64_t d_model, int64_t vocab, int64_t isa_req, int use_avx2, int state_type,
+                 int64_t chunk) {
+  LiteModel* m = nullptr;
+  const int rc = guarded([&] {
+    DF_CHECK(state_type >= 0 && state_type <= 2, "state type is 0 (fp32), 1 (bf16) or 2 (fp16)");
+    m = new LiteModel(d_model, vocab, resolve_isa(isa_req), use_avx2 != 0,
+                      static_cast<StateType>(state_type), chunk);
+  });
+  return rc == 0 ? m : nullptr;
+}
+
+void dfl_destroy(void* m) { delete static_cast<LiteModel*>(m); }
+
+int dfl_add_layer(void* m, const float* norm_w, double eps, const BinaryWeights* in,
+                  const BinaryWeights* out, const StepWeights* step) {
+  return guarded([&] { static_cast<LiteModel*>(m)->add_layer(norm_w, eps, *in, *out, *step); });
+}
+
+int dfl_set_head(void* m, const int8_t* q, const float* scale, const float* norm_w, double eps) {
+  return guarded([&] { static_cast<LiteModel*>(m)->set_head(q, scale, norm_w, eps); });
+}
+
+void dfl_reset(void* m) { static_cast<LiteModel*>(m)->reset(); }
+int64_t dfl_state_bytes(void* m) { return static_cast<LiteModel*>(m)->state_bytes(); }
+
+int dfl_forward(void* m, const int32_t* ids, int64_t T, float* logits) {
+  return guarded([&] { static_cast<LiteModel*>(m)->forward(ids, T, logits); });
+}
+
+// One token from logits[0:n]: argmax when temperature <= 0; else softmax(logits / T) cut to
+// the top_k largest (0: all) and then to the smallest set whose mass reaches top_p, and the
+// token where the cumulative mass passes u * (kept mass), u uniform in [0, 1).
+int64_t dfl_sample(const float* logits, int64_t n, double temperature, int64_t top_k,
+                   double top_p, double u) {
+  if (n <= 0) return -1;
+  if (temperature <= 0.0) return std::max_element(logits, logits + n) - logits;
+  std::vector<int32_t> idx(static_cast<size_t>(n));
+  std::iota(idx.begin(), idx.end(), 0);
+  auto desc = [&](int32_t a, int32_t b) { return logits[a] > logits[b] || (logits[a] == logits[b] && a < b); };
+  int64_t k = top_k > 0 ? std::min(top_k, n) : n;
+  if (k < n) {
+    std::nth_element(idx.begin(), idx.begin() + k, idx.end(), desc);
+    idx.resize(static_cast<size_t>(k));
+  }
+  std::sort(idx.begin(), idx.end(), desc);
+  const double mx = logits[idx[0]];
+  std::vector<double> p(idx.size());
+  double total = 0.0;
+  for (size_t i = 0; i < idx.size(); ++i) total += (p[i] = std::exp((logits[idx[i]] - mx) / temperature));
+  size_t keep = idx.size();
+  if (top_p < 1.0) {  // smallest prefix whose mass reaches top_p (at least one token)
+    double c = 0.0;
+    for (size_t i = 0; i < idx.size(); ++i) {
+      c += p[i] / total;
+      if (c >= top_p) {
+        keep = i + 1;
+        break;
+      }
+    }
+  }
+  double kept = 0.0;
+  for (size_t i = 0; i < keep; ++i) kept += p[i];
+  const double target = u * kept;
+  double c = 0.0;
+  for (size_t i = 0; i < keep; ++i) {
+    c += p[i];
+    if (target < c) return idx[i];
+  }
+  return idx[keep - 1];
+}
+
+}  // extern "C"
