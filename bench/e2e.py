@@ -14,9 +14,12 @@ weights-only bound is kept beside it.
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing as mp
 import os
 import resource
+import subprocess
+import sys
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -37,6 +40,7 @@ from .variants import (
     make_runner,
     preload,
     prepare,
+    prompt_ids,
     resident_bytes,
     resolve_names,
     state_rw_bytes,
@@ -189,6 +193,56 @@ class _Process:
             self.proc.kill()
 
 
+class _LiteProcess:
+    """The lite runtime in `python -m dfplan.lite.worker`: a process that never imports torch
+    (a spawned worker would, through this module), so its peak RSS is the runtime's own."""
+
+    def __init__(self, p: Prepared, vocab: int):
+        cmd = [sys.executable, "-m", "dfplan.lite.worker", p.path]
+        if p.threads:
+            cmd += ["--threads", str(p.threads)]
+        if p.options.get("state_dtype"):
+            cmd += ["--state-dtype", p.options["state_dtype"]]
+        self.vocab = vocab
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.info = self._recv()
+
+    def _recv(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read()[-500:] if self.proc.poll() is not None else ""
+            raise RuntimeError(f"lite worker died (exit code {self.proc.poll()}): {err.strip()}")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise DfplanError(msg["error"])
+        return msg["ok"]
+
+    def _send(self, obj) -> None:
+        self.proc.stdin.write(json.dumps(obj) + "\n")
+        self.proc.stdin.flush()
+
+    def sample(self, batch: int, P: int, G: int, seed: int):
+        if batch != 1:
+            raise DfplanError("the lite runtime decodes one sequence")
+        self._send({"cmd": "sample", "ids": prompt_ids(P, self.vocab, seed), "gen": G})
+        return tuple(self._recv())
+
+    def memory(self) -> dict:
+        self._send({"cmd": "memory"})
+        return self._recv()
+
+    def close(self):
+        try:
+            self._send({"cmd": "stop"})
+        except (OSError, BrokenPipeError, ValueError):
+            pass
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
 # the run -------------------------------------------------------------------------------------
 def _check_memory(chosen: list[Variant], mcfg, cfg: E2EConfig, packed_bytes: int | None) -> dict:
     """Refuse before starting anything when the variants cannot all be resident at once."""
@@ -263,7 +317,10 @@ def run_e2e(cfg: E2EConfig, log=print) -> dict:
     try:
         for name, p in prepared.items():
             try:
-                workers[name] = _Process(p, ctx) if cfg.isolate else _Inline(p)
+                if p.kind == "lite" and cfg.isolate:
+                    workers[name] = _LiteProcess(p, mcfg.vocab_size)
+                else:
+                    workers[name] = _Process(p, ctx) if cfg.isolate else _Inline(p)
             except (RuntimeError, DfplanError, OSError) as e:
                 out[name] = {"status": "failed", "reason": f"loading: {e}",
                              "description": _desc(name)}

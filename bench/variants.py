@@ -60,6 +60,10 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     *[Variant(f"dfplan-packed-state-{sd}", f"dfplan packed artifact decoding with a {sd} SSM state "
               "(half the state traffic; quality cost: dfplan search --state-dtype auto)",
               "dfplan-packed", option=f"state={sd}") for sd in ("bf16", "fp16")],
+    *[Variant(f"dfplan-lite{'' if sd == 'fp32' else '-state-' + sd}",
+              f"dfplan packed artifact on the torch-free runtime (dfplan.lite, its own process without "
+              f"torch){'' if sd == 'fp32' else f', {sd} SSM state'}", "dfplan-lite", devices=("cpu",),
+              max_batch=1, option=f"state={sd}") for sd in ("fp32", "bf16")],
     Variant("dfplan-fp32", "dfplan model, fp32", "dfplan", "fp32"),
     Variant("dfplan-bf16", "dfplan model, bf16", "dfplan", "bf16"),
     Variant("dfplan-fp16", "dfplan model, fp16", "dfplan", "fp16"),
@@ -133,7 +137,7 @@ def n_params(cfg: Mamba2Config) -> int:
 def resident_bytes(v: Variant, cfg: Mamba2Config, packed_bytes: int | None) -> int:
     """Rough resident size of the weights once loaded (for the before-start memory check)."""
     n = n_params(cfg)
-    if v.kind == "dfplan-packed":
+    if v.kind in ("dfplan-packed", "dfplan-lite"):
         return packed_bytes or n
     if v.kind in ("dfplan", "hf", "mamba_ssm"):
         return n * torch.finfo(DTYPES[v.dtype]).bits // 8
@@ -233,6 +237,9 @@ def prepare(v: Variant, src: Sources, device: str, threads: int | None) -> Prepa
     if v.kind == "dfplan-packed":
         opts = {"state_dtype": v.option.split("=", 1)[1]} if v.option.startswith("state=") else {}
         return Prepared("dfplan", str(src.packed_dir()), device, threads, "packed", opts)
+    if v.kind == "dfplan-lite":
+        return Prepared("lite", str(src.packed_dir()), device, threads, "packed",
+                        {"state_dtype": v.option.split("=", 1)[1]})
     if v.kind in ("dfplan", "hf", "mamba_ssm"):
         return Prepared(v.kind, str(src.reference()), device, threads, v.dtype,
                         {"cg": v.option == "cg"})
@@ -452,8 +459,41 @@ class MambaSsmRunner:
         return pre, max(0.0, clock.seconds(t2, t3) - pre)
 
 
+class LiteRunner:
+    """dfplan.lite in this process (--no-isolate, tests); e2e's isolated run uses the same
+    loop in a torch-free process instead (dfplan/lite/worker.py)."""
+
+    def __init__(self, p: Prepared):
+        from dfplan.lite import LiteModel
+        self.model = LiteModel(p.path, state_dtype=p.options.get("state_dtype"), threads=p.threads)
+        self.vocab = self.model.config.vocab_size
+        self.state_dtype = self.model.state_dtype_name
+        self.state_rw_bytes = state_rw_bytes(self.model.config, self.state_dtype)
+        self.model_bytes = int(self.model.manifest["payload_bytes"])
+
+    def sample(self, batch: int, P: int, G: int, seed: int) -> tuple[float, float]:
+        if batch != 1:
+            raise DfplanError("the lite runtime decodes one sequence")
+        ids = prompt_ids(P, self.vocab, seed)
+        m, lib = self.model, self.model.lib
+        m.reset()
+        t0 = _perf()
+        m.forward(ids)
+        nxt = lib.dfl_sample(m._logits, self.vocab, 0.0, 0, 1.0, 0.0)
+        t1 = _perf()
+        for _ in range(G):
+            m.forward([nxt])
+            nxt = lib.dfl_sample(m._logits, self.vocab, 0.0, 0, 1.0, 0.0)
+        return t1 - t0, _perf() - t1
+
+
+def prompt_ids(P: int, vocab: int, seed: int) -> list[int]:
+    """The batch-1 prompt every variant gets for `seed`, as a list."""
+    return _prompt(1, P, vocab, seed, "cpu")[0].tolist()
+
+
 RUNNERS = {"dfplan": DfplanRunner, "hf": HFRunner, "llamacpp": LlamaCppRunner,
-           "mamba_ssm": MambaSsmRunner}
+           "mamba_ssm": MambaSsmRunner, "lite": LiteRunner}
 
 
 # libraries each runner imports: loaded before a worker's baseline RSS is read, so the peak
@@ -461,7 +501,7 @@ RUNNERS = {"dfplan": DfplanRunner, "hf": HFRunner, "llamacpp": LlamaCppRunner,
 PRELOAD = {"dfplan": ("dfplan.runtime.api", "dfplan.runtime.decode", "dfplan.kernels.cpu",
                       "dfplan.packed", "safetensors.torch"),
            "hf": ("transformers", "transformers.models.mamba2.modeling_mamba2"),
-           "llamacpp": (), "mamba_ssm": ("mamba_ssm.models.mixer_seq_simple",)}
+           "llamacpp": (), "mamba_ssm": ("mamba_ssm.models.mixer_seq_simple",), "lite": ("dfplan.lite",)}
 
 
 def preload(p: Prepared) -> None:

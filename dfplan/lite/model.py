@@ -282,6 +282,9 @@ class LiteModel:
         ids = [int(i) for i in prompt_ids]
         if not ids:
             raise DfplanError("the prompt has no tokens; give at least one")
+        V = self.config.vocab_size
+        if min(ids) < 0 or max(ids) >= V:
+            raise DfplanError(f"the prompt has token ids outside [0, {V})")
         _sampling(temperature, top_k, top_p)
         return self._ids(ids, int(max_new_tokens), temperature, top_k, top_p, seed,
                          self.eos_id() if eos else None)
@@ -289,7 +292,8 @@ class LiteModel:
     def _ids(self, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id) -> Iterator[int]:
         rng = random.Random(seed)
         st = self.last_stats = LiteStats(prompt_tokens=len(ids))
-        lib, model, logits, V = self.lib, self._model, self._logits, self.config.vocab_padded
+        # sampled over the real vocabulary, as the torch runtime does (not the padding rows)
+        lib, model, logits, V = self.lib, self._model, self._logits, self.config.vocab_size
         one = (ctypes.c_int32 * 1)()
         self.reset()
         t0 = time.perf_counter()

@@ -1,0 +1,73 @@
+"""The lite runtime as a bench worker: a process without torch, so that its peak RSS is
+the runtime's own (`dfplan bench e2e` variants dfplan-lite*; bench/e2e.py drives it).
+
+    python -m dfplan.lite.worker PACKED_DIR [--threads N] [--state-dtype fp32|bf16|fp16]
+
+JSON lines: first it writes {"ok": info}; then for each request on stdin one answer.
+  {"cmd": "sample", "ids": [...], "gen": G}  -> {"ok": [prefill_s, decode_s]}   (greedy, batch 1)
+  {"cmd": "memory"}                          -> {"ok": {"peak_rss_bytes", "base_rss_bytes", ...}}
+  {"cmd": "stop"}                            -> exits
+Errors answer {"error": "..."}.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _status(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def _answer(obj) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dfplan.lite.worker")
+    ap.add_argument("path")
+    ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--state-dtype", default=None)
+    a = ap.parse_args(argv)
+    from ..errors import DfplanError
+    from .model import LiteModel
+    base = _status("VmRSS")
+    t = time.perf_counter()
+    try:
+        m = LiteModel(a.path, state_dtype=a.state_dtype, threads=a.threads)
+    except DfplanError as e:
+        _answer({"error": str(e)})
+        return 2
+    lib, logits, V = m.lib, m._logits, m.config.vocab_size
+    _answer({"ok": {"model_bytes": int(m.manifest["payload_bytes"]), "load_s": time.perf_counter() - t,
+                    "base_rss_bytes": base, "load_rss_bytes": _status("VmRSS") - base,
+                    "state_dtype": m.state_dtype_name, "runtime": "lite"}})
+    for line in sys.stdin:
+        req = json.loads(line)
+        if req["cmd"] == "sample":
+            m.reset()
+            t0 = time.perf_counter()
+            m.forward(req["ids"])
+            nxt = lib.dfl_sample(logits, V, 0.0, 0, 1.0, 0.0)
+            t1 = time.perf_counter()
+            for _ in range(int(req["gen"])):
+                m.forward([nxt])
+                nxt = lib.dfl_sample(logits, V, 0.0, 0, 1.0, 0.0)
+            _answer({"ok": [t1 - t0, time.perf_counter() - t1]})
+        elif req["cmd"] == "memory":
+            _answer({"ok": {"peak_rss_bytes": _status("VmHWM"), "base_rss_bytes": base,
+                            "peak_gpu_bytes": None}})
+        else:
+            break
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
