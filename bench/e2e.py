@@ -197,16 +197,17 @@ class _LiteProcess:
     """The lite runtime in `python -m dfplan.lite.worker`: a process that never imports torch
     (a spawned worker would, through this module), so its peak RSS is the runtime's own."""
 
-    def __init__(self, p: Prepared, vocab: int):
+    def __init__(self, p: Prepared, mcfg):
         cmd = [sys.executable, "-m", "dfplan.lite.worker", p.path]
         if p.threads:
             cmd += ["--threads", str(p.threads)]
         if p.options.get("state_dtype"):
             cmd += ["--state-dtype", p.options["state_dtype"]]
-        self.vocab = vocab
+        self.vocab = mcfg.vocab_size
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.PIPE, text=True)
         self.info = self._recv()
+        self.info["state_rw_bytes"] = state_rw_bytes(mcfg, self.info["state_dtype"])
 
     def _recv(self):
         line = self.proc.stdout.readline()
@@ -318,7 +319,7 @@ def run_e2e(cfg: E2EConfig, log=print) -> dict:
         for name, p in prepared.items():
             try:
                 if p.kind == "lite" and cfg.isolate:
-                    workers[name] = _LiteProcess(p, mcfg.vocab_size)
+                    workers[name] = _LiteProcess(p, mcfg)
                 else:
                     workers[name] = _Process(p, ctx) if cfg.isolate else _Inline(p)
             except (RuntimeError, DfplanError, OSError) as e:

@@ -236,6 +236,29 @@ def test_isolated_workers_measure_peak_memory_per_variant(tiny_dir, tmp_path):
         assert v["peak_rss_bytes"] - v["base_rss_bytes"] == v["peak_rss_over_base_bytes"]
 
 
+def test_lite_variant_runs_without_torch_and_in_process(tiny_dir, tmp_path):
+    """dfplan-lite: isolated, a worker process that never imports torch (its base RSS is far
+    below a torch worker's); --no-isolate, the same loop in this process."""
+    from dfplan.lite import native
+    try:
+        native.library()
+    except DfplanError as e:
+        pytest.skip(f"lite library not buildable here: {e}")
+    base = dict(model=str(tiny_dir), random_init=False, prompt_len=8, gen_len=2, min_samples=2,
+                min_time_s=0, threads=1, bandwidth_mib=16, cache_dir=str(tmp_path / "cache"), progress=False)
+    res = run_e2e(E2EConfig(variants=("dfplan-packed", "dfplan-lite", "dfplan-lite-state-bf16"),
+                            isolate=True, **base), log=lambda m: None)
+    v = res["variants"]
+    for name in ("dfplan-lite", "dfplan-lite-state-bf16"):
+        assert v[name]["status"] == "ok", v[name]
+        assert v[name]["runtime"] == "lite" and v[name]["cases"]["b1"]
+        assert 0 < v[name]["base_rss_bytes"] < v["dfplan-packed"]["base_rss_bytes"] / 2
+    assert v["dfplan-lite-state-bf16"]["state_dtype"] == "bf16"
+    assert v["dfplan-lite-state-bf16"]["state_rw_bytes"] < v["dfplan-lite"]["state_rw_bytes"]
+    res = run_e2e(E2EConfig(variants=("dfplan-lite",), isolate=False, **base), log=lambda m: None)
+    assert res["variants"]["dfplan-lite"]["status"] == "ok"
+
+
 @pytest.mark.slow
 def test_worker_peak_rss_is_not_the_parents():
     # Linux keeps getrusage's ru_maxrss across fork + exec: a worker spawned after the parent
