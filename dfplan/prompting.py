@@ -1,10 +1,13 @@
-"""What both runtimes' generate commands share, without torch: the prompt argument, the
-tokenizer check that runs before any weights load, and the peak-RSS figure."""
+"""What both runtimes' generate paths share, without torch: the prompt argument, the
+tokenizer check that runs before any weights load, the timing record, writing the text
+out, and the peak-RSS figure."""
 from __future__ import annotations
 
 import resource
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 from .errors import DfplanError
 
@@ -37,3 +40,39 @@ def check_tokenizer_available(model_arg: str, tokenizer: str | None) -> None:
         raise DfplanError(f"{model_arg} has no tokenizer.json; pass --tokenizer with a tokenizer.json "
                           "file, a folder holding one, or a hub id (e.g. --tokenizer "
                           "../shared/data/tokenizers/gpt-neox-20b/20B_tokenizer.json for state-spaces models)")
+
+
+@dataclass
+class DecodeStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0            # generated tokens over all rows
+    steps: int = 0                 # recurrent steps run
+    batch: int = 1
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def prefill_ms(self) -> float:
+        return 1000.0 * self.prefill_s
+
+    @property
+    def decode_tok_s(self) -> float:
+        # tokens produced by recurrent steps (the first new token comes from the prefill)
+        return self.steps * self.batch / self.decode_s if self.decode_s > 0 else float("nan")
+
+    def to_json(self) -> dict:
+        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
+                "steps": self.steps, "batch": self.batch, "prefill_ms": self.prefill_ms,
+                "decode_s": self.decode_s, "decode_tok_s": self.decode_tok_s}
+
+
+def write_text(out: TextIO, model, prompt: str, stream: bool, **kw) -> None:
+    """model.generate_text(prompt, **kw) to `out`, piece by piece when streaming, then a newline."""
+    if stream:
+        for piece in model.generate_text(prompt, stream=True, **kw):
+            out.write(piece)
+            out.flush()
+    else:
+        out.write(model.generate_text(prompt, **kw))
+    out.write("\n")
+    out.flush()

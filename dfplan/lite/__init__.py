@@ -9,6 +9,6 @@ torch), batch 1 on CPU. Without torch in the process, peak memory is the weights
 decode state and ~50 MiB of Python and tokenizer (torch alone is ~225 MiB).
 `dfplan generate --runtime lite` is the command-line way in.
 """
-from .model import LiteModel, LiteStats, load
+from .model import LiteModel, load
 
-__all__ = ["LiteModel", "LiteStats", "load"]
+__all__ = ["LiteModel", "load"]

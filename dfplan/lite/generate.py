@@ -5,7 +5,7 @@ import time
 from typing import TextIO
 
 from ..errors import DfplanError
-from ..prompting import check_tokenizer_available, peak_rss_bytes
+from ..prompting import check_tokenizer_available, peak_rss_bytes, write_text
 from .model import STATE_TYPES, LiteModel, _sampling
 
 
@@ -26,14 +26,7 @@ def generate_to(out: TextIO, model_arg: str, prompt: str, *, tokenizer: str | No
     load_s = time.perf_counter() - t0
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               seed=seed, stop=list(stop) or None, eos=eos)
-    if stream:
-        for piece in m.generate_text(prompt, stream=True, **kw):
-            out.write(piece)
-            out.flush()
-    else:
-        out.write(m.generate_text(prompt, **kw))
-    out.write("\n")
-    out.flush()
+    write_text(out, m, prompt, stream, **kw)
     return {"model": model_arg, "runtime": "lite", "load_s": load_s, **m.last_stats.to_json(),
             "state_dtype": m.state_dtype_name, "state_dtype_from": m.state_dtype_origin,
             "peak_rss_bytes": peak_rss_bytes()}

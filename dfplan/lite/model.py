@@ -17,7 +17,6 @@ import mmap
 import os
 import random
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
@@ -25,6 +24,7 @@ from .. import hugepages
 from ..config import Mamba2Config
 from ..errors import DfplanError
 from ..packed_files import CONFIG, PLAN, TOKENIZER, WEIGHTS, read_manifest, verify_packed
+from ..prompting import DecodeStats
 from ..textstream import TextTracker
 from ..tokenizer import eos_id as tokenizer_eos_id
 from ..tokenizer import load_tokenizer
@@ -32,29 +32,6 @@ from . import native
 
 STATE_TYPES = {"fp32": 0, "bf16": 1, "fp16": 2}
 _ROWS, _ROW_BLOCKS = 0, 1
-
-
-@dataclass
-class LiteStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    steps: int = 0
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-
-    @property
-    def prefill_ms(self) -> float:
-        return 1000.0 * self.prefill_s
-
-    @property
-    def decode_tok_s(self) -> float:
-        # tokens from recurrent steps (the first new token comes from the prefill)
-        return self.steps / self.decode_s if self.decode_s > 0 else float("nan")
-
-    def to_json(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
-                "steps": self.steps, "batch": 1, "prefill_ms": self.prefill_ms,
-                "decode_s": self.decode_s, "decode_tok_s": self.decode_tok_s}
 
 
 def _sampling(temperature, top_k, top_p) -> None:
@@ -98,7 +75,7 @@ class LiteModel:
                                   f"only {cfg.vocab_padded:,} embeddings: wrong tokenizer for {d}")
         self.path = d
         self._load(d / WEIGHTS, cfg, prefill_chunk)
-        self.last_stats: LiteStats | None = None
+        self.last_stats: DecodeStats | None = None
 
     # -- loading ---------------------------------------------------------------------------
     @staticmethod
@@ -291,7 +268,7 @@ class LiteModel:
 
     def _ids(self, ids, max_new_tokens, temperature, top_k, top_p, seed, eos_id) -> Iterator[int]:
         rng = random.Random(seed)
-        st = self.last_stats = LiteStats(prompt_tokens=len(ids))
+        st = self.last_stats = DecodeStats(prompt_tokens=len(ids))
         # sampled over the real vocabulary, as the torch runtime does (not the padding rows)
         lib, model, logits, V = self.lib, self._model, self._logits, self.config.vocab_size
         one = (ctypes.c_int32 * 1)()

@@ -25,6 +25,7 @@ import torch
 
 from ..errors import DfplanError
 from ..model import InferenceCache
+from ..prompting import DecodeStats
 from .sampling import Sampling, sample
 
 STATE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -45,30 +46,6 @@ def state_bytes(cfg, state_dtype=torch.float32) -> dict:
     ssm = n_mamba * cfg.nheads * cfg.headdim * cfg.d_state * torch.finfo(state_dtype_of(state_dtype)).bits // 8
     conv = n_mamba * cfg.conv_dim * cfg.d_conv * 4
     return {"ssm_state_rw": 2 * ssm, "conv_state_rw": 2 * conv}
-
-
-@dataclass
-class DecodeStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0            # generated tokens over all rows
-    steps: int = 0                 # recurrent steps run
-    batch: int = 1
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-
-    @property
-    def prefill_ms(self) -> float:
-        return 1000.0 * self.prefill_s
-
-    @property
-    def decode_tok_s(self) -> float:
-        # tokens produced by recurrent steps (the first new token comes from the prefill)
-        return self.steps * self.batch / self.decode_s if self.decode_s > 0 else float("nan")
-
-    def to_json(self) -> dict:
-        return {"prompt_tokens": self.prompt_tokens, "new_tokens": self.new_tokens,
-                "steps": self.steps, "batch": self.batch, "prefill_ms": self.prefill_ms,
-                "decode_s": self.decode_s, "decode_tok_s": self.decode_tok_s}
 
 
 @dataclass

@@ -5,7 +5,7 @@ import time
 from typing import TextIO
 
 from ..errors import DfplanError
-from ..prompting import check_tokenizer_available, peak_rss_bytes, read_prompt  # noqa: F401
+from ..prompting import check_tokenizer_available, peak_rss_bytes, read_prompt, write_text  # noqa: F401
 from .api import load
 from .sampling import Sampling
 
@@ -26,14 +26,7 @@ def generate_to(out: TextIO, model_arg: str, prompt: str, *, tokenizer: str | No
     load_s = time.perf_counter() - t0
     kw = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
               seed=seed, stop=list(stop) or None, eos=eos)
-    if stream:
-        for piece in m.generate_text(prompt, stream=True, **kw):
-            out.write(piece)
-            out.flush()
-    else:
-        out.write(m.generate_text(prompt, **kw))
-    out.write("\n")
-    out.flush()
+    write_text(out, m, prompt, stream, **kw)
     st = m.last_stats
     return {"model": model_arg, "load_s": load_s, **st.to_json(), "state_dtype": m.state_dtype_name,
             "state_dtype_from": m.state_dtype_origin,
