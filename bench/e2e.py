@@ -20,6 +20,7 @@ import os
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass
@@ -204,16 +205,19 @@ class _LiteProcess:
         if p.options.get("state_dtype"):
             cmd += ["--state-dtype", p.options["state_dtype"]]
         self.vocab = mcfg.vocab_size
+        self.err = tempfile.TemporaryFile(mode="w+")      # a file, not a pipe: never fills up
         self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+                                     stderr=self.err, text=True)
         self.info = self._recv()
         self.info["state_rw_bytes"] = state_rw_bytes(mcfg, self.info["state_dtype"])
 
     def _recv(self):
         line = self.proc.stdout.readline()
         if not line:
-            err = self.proc.stderr.read()[-500:] if self.proc.poll() is not None else ""
-            raise RuntimeError(f"lite worker died (exit code {self.proc.poll()}): {err.strip()}")
+            self.proc.wait(timeout=30)
+            self.err.seek(0)
+            raise RuntimeError(f"lite worker died (exit code {self.proc.returncode}): "
+                               f"{self.err.read()[-500:].strip()}")
         msg = json.loads(line)
         if "error" in msg:
             raise DfplanError(msg["error"])
@@ -242,6 +246,7 @@ class _LiteProcess:
             self.proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.err.close()
 
 
 # the run -------------------------------------------------------------------------------------

@@ -206,13 +206,13 @@ def load_or_build(name: str, sources: list[Path], headers: list[Path], flags: li
         tmp = root / f"{key}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
-        say(f"dfplan: compiling CPU kernels once into {final} (about a minute)")
+        say(f"dfplan: compiling CPU kernels ({name}) once into {final}")
         t0 = time.monotonic()
         mod = compile_fn(name, sources, flags, tmp)
         if final.exists():                             # a foreign leftover without the .so
             shutil.rmtree(final, ignore_errors=True)
         os.rename(tmp, final)                          # the finished build appears whole
-        say(f"dfplan: CPU kernels built in {time.monotonic() - t0:.0f} s")
+        say(f"dfplan: CPU kernels ({name}) built in {time.monotonic() - t0:.0f} s")
         return mod
     finally:
         if read_lock(lock) and read_lock(lock).get("pid") == os.getpid():

@@ -283,3 +283,12 @@ def test_dfplan_runner_times_the_runtime_step(tiny_dir):
     cache, step = r._cache(1)
     assert lean_ok(r.module) and isinstance(step, LeanStep)
     assert cache.layers[0]["ssm"].dtype == torch.bfloat16
+
+
+def test_lite_worker_reports_a_bad_artifact(tmp_path):
+    from dfplan.bench.e2e import _LiteProcess
+    from dfplan.bench.variants import Prepared
+    from dfplan.config import Mamba2Config
+    with pytest.raises(DfplanError, match="does not exist"):
+        _LiteProcess(Prepared("lite", str(tmp_path / "nothing"), "cpu", 1, "packed", {}),
+                     Mamba2Config.preset("tiny"))
