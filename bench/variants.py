@@ -78,7 +78,7 @@ VARIANTS: dict[str, Variant] = {v.name: v for v in [
     Variant("mamba-ssm-nocg", "mamba-ssm MambaLMHeadModel.generate fp16, cg=False",
             "mamba_ssm", "fp16", devices=("cuda",), option="nocg"),
 ]}
-DEFAULT_CPU = ("dfplan-packed", "dfplan-fp32", "hf-fp32", "llamacpp-q8_0", "llamacpp-q4_0",
+DEFAULT_CPU = ("dfplan-packed", "dfplan-lite", "dfplan-fp32", "hf-fp32", "llamacpp-q8_0", "llamacpp-q4_0",
                "llamacpp-tq2_0", "llamacpp-tq1_0")
 DEFAULT_CUDA = ("dfplan-packed", "dfplan-fp16", "mamba-ssm-cg", "mamba-ssm-nocg")
 

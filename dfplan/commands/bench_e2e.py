@@ -22,9 +22,9 @@ def _variant_help() -> str:
 @click.option("--variants", default=None, help="Comma-separated variant names (`--list-variants`).")
 @click.option("--list-variants", is_flag=True, help="Print the variants and exit.")
 @click.option("--packed", default=None, type=click.Path(file_okay=False),
-              help="Packed artifact for dfplan-packed (default: built from --plan).")
+              help="Packed artifact for dfplan-packed and dfplan-lite (default: built from --plan).")
 @click.option("--plan", default="dfssm", show_default=True,
-              help="plan.json or built-in layout used to build dfplan-packed.")
+              help="plan.json or built-in layout used to build dfplan-packed (and dfplan-lite).")
 @click.option("--prompt-len", default=128, show_default=True, type=click.IntRange(1, None))
 @click.option("--gen", "gen_len", default=64, show_default=True, type=click.IntRange(1, None))
 @click.option("--batch", "batches", default="1", show_default=True, help="Batch sizes, comma-separated.")
