@@ -5,6 +5,8 @@
     print(m.generate_text("Hello", max_new_tokens=20))
 
 The API names are imported lazily so `import dfplan` (and the CLI) stays free of torch.
+A packed DF-SSM artifact also runs without torch at all: `from dfplan import lite;
+lite.load(path)` (dfplan/lite, what `dfplan generate` uses for such artifacts on CPU).
 """
 __version__ = "0.1.0"
 

@@ -24,7 +24,7 @@ import click
 @click.option("--no-eos", is_flag=True, help="Do not stop at the end-of-text token.")
 @click.option("--no-stream", is_flag=True, help="Print the text once at the end.")
 @click.option("--device", default=None, help="cpu (default) or cuda.")
-@click.option("--threads", default=None, type=click.IntRange(min=1), help="torch CPU threads.")
+@click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads (torch's, or the lite library's).")
 @click.option("--stats", is_flag=True, help="Print prefill ms, decode tok/s and peak RSS to stderr.")
 @click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "torch", "lite"]),
               help="lite: the torch-free library (packed DF-SSM artifacts, CPU, ~225 MiB less memory); "
