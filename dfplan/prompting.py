@@ -76,3 +76,21 @@ def write_text(out: TextIO, model, prompt: str, stream: bool, **kw) -> None:
         out.write(model.generate_text(prompt, **kw))
     out.write("\n")
     out.flush()
+
+
+def mem_available() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def check_fits(need: int, what: str) -> None:
+    """Refuse, before loading, a model whose weights alone exceed the free memory."""
+    avail = mem_available()
+    if avail is not None and need > avail:
+        raise DfplanError(f"{what} needs about {need / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB "
+                          "of memory is free; free memory, use a smaller model or a packed artifact")

@@ -203,6 +203,19 @@ def test_bad_input_is_refused(dfssm, tmp_path, tok):
     assert unsupported(dfssm) is None
 
 
+def test_too_big_for_memory_is_refused_before_loading(dfssm, monkeypatch):
+    from dfplan import lite, prompting
+    monkeypatch.setattr(prompting, "mem_available", lambda: 2**10)
+    with pytest.raises(DfplanError, match="free"):
+        lite.load(dfssm)
+
+
+def test_portable_path_agrees_with_the_vector_one(packed):
+    """isa 0 (no AVX2: row-major bits, fp32 row vectors, scalar SSM step) against the default."""
+    from dfplan import lite
+    assert _close(lite.load(packed, isa=0).logits(IDS), lite.load(packed).logits(IDS), 1e-4)
+
+
 def test_corrupt_artifact_names_the_file(dfssm, tmp_path):
     import shutil
 

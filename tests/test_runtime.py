@@ -230,8 +230,8 @@ def test_corrupt_artifact_names_the_file(tmp_path):
 
 
 def test_too_big_for_memory_refused_before_loading(monkeypatch):
-    from dfplan.runtime import api
-    monkeypatch.setattr(api, "_mem_available", lambda: 2**20)
+    from dfplan import prompting
+    monkeypatch.setattr(prompting, "mem_available", lambda: 2**20)
     with pytest.raises(DfplanError, match="free"):
         dfplan.load("preset:tiny")
 

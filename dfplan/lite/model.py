@@ -24,7 +24,7 @@ from .. import hugepages
 from ..config import Mamba2Config
 from ..errors import DfplanError
 from ..packed_files import CONFIG, PLAN, TOKENIZER, WEIGHTS, read_manifest, verify_packed
-from ..prompting import DecodeStats
+from ..prompting import DecodeStats, check_fits
 from ..textstream import TextTracker
 from ..tokenizer import eos_id as tokenizer_eos_id
 from ..tokenizer import load_tokenizer
@@ -74,6 +74,9 @@ class LiteModel:
                 raise DfplanError(f"the tokenizer has {self.tokenizer.get_vocab_size():,} tokens but the model "
                                   f"only {cfg.vocab_padded:,} embeddings: wrong tokenizer for {d}")
         self.path = d
+        state = cfg.n_layer * (cfg.nheads * cfg.headdim * cfg.d_state * (4 if self.state_dtype_name == "fp32" else 2)
+                               + cfg.conv_dim * cfg.d_conv * 4)
+        check_fits((d / WEIGHTS).stat().st_size + state, str(d))        # before reading anything
         self._load(d / WEIGHTS, cfg, prefill_chunk)
         self.last_stats: DecodeStats | None = None
 

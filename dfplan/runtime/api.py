@@ -26,6 +26,7 @@ from ..loading import WEIGHT_FILES, load_config, load_model
 from ..model import build_model
 from ..packed import MANIFEST, load_packed
 from ..packed import save_packed as _save
+from ..prompting import check_fits  # noqa: F401  (runtime.pack imports it from here)
 from ..tokenizer import check_vocab, load_tokenizer
 from ..tokenizer import eos_id as tokenizer_eos_id
 from .cudagraph import graph_step_factory
@@ -34,8 +35,6 @@ from .heap import return_freed_memory
 from .leanstep import lean_step_factory
 from .sampling import Sampling
 from .textgen import TextTracker, encode_prompts, stream_in_thread
-
-_CHECK_MEMORY = True
 
 
 class Model:
@@ -234,24 +233,6 @@ def _stops(stop) -> tuple[str, ...]:
 
 
 # -- loading ---------------------------------------------------------------------------------
-
-def _mem_available() -> int | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-def check_fits(need: int, what: str) -> None:
-    """Refuse, before loading, a model whose weights alone exceed the free memory."""
-    avail = _mem_available()
-    if _CHECK_MEMORY and avail is not None and need > avail:
-        raise DfplanError(f"{what} needs about {need / 2**30:.1f} GiB but only {avail / 2**30:.1f} GiB "
-                          "of memory is free; free memory, use a smaller model or a packed artifact")
-
 
 def _estimate_bytes(path_or_id: str, dtype: torch.dtype | None) -> int | None:
     if path_or_id.startswith("preset:"):
