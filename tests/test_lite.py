@@ -262,6 +262,19 @@ def test_cli_runtime_lite_refuses_what_it_cannot_run(capsys, tmp_path, tok):
     assert rc == 0 and json.loads(err.strip().splitlines()[-1])["runtime"] == "torch"
 
 
+def test_auto_falls_back_to_torch_without_a_compiler(dfssm, capsys, monkeypatch):
+    from dfplan.lite import native
+
+    def no_compiler():
+        raise DfplanError("the torch-free runtime needs a C++ compiler with OpenMP (g++)")
+    monkeypatch.setattr(native, "library", no_compiler)
+    rc, _, err = run(capsys, "generate", "--model", str(dfssm), "--prompt", "hi", "--max-new-tokens", "2",
+                     "--stats")
+    assert rc == 0 and json.loads(err.strip().splitlines()[-1])["runtime"] == "torch"
+    rc, _, err = run(capsys, "generate", "--model", str(dfssm), "--prompt", "hi", "--runtime", "lite")
+    assert rc == 2 and "compiler" in err
+
+
 def test_lite_never_imports_torch(dfssm):
     code = ("import sys; from dfplan import lite; m = lite.load(sys.argv[1]); "
             "t = m.generate_text('hello', max_new_tokens=5, eos=False); "

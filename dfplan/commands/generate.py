@@ -41,6 +41,12 @@ def command(model_arg, prompt, prompt_file, tokenizer, max_new_tokens, temperatu
     if runtime != "torch":
         from ..lite.model import unsupported
         why = unsupported(model_arg) if device in (None, "cpu") else f"--device {device}"
+        if why is None:
+            from ..lite import native
+            try:
+                native.library()                 # no compiler: torch's reference path still runs
+            except DfplanError as e:
+                why = str(e)
         if runtime == "lite" and why:
             raise DfplanError(f"--runtime lite cannot run {model_arg}: {why}; use --runtime torch")
         runtime = "torch" if why else "lite"
