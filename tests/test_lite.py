@@ -183,6 +183,8 @@ def test_bad_input_is_refused(dfssm, tmp_path, tok):
             m.generate([1, 2], **{"max_new_tokens": 4, **kw})
     with pytest.raises(DfplanError, match="tokenizes to nothing"):
         m.generate_text("")
+    with pytest.raises(DfplanError, match="top_p"):          # at the call, not at the first piece
+        m.generate_text("hello", stream=True, top_p=2.0)
     with pytest.raises(DfplanError, match="outside"):
         m.forward([CFG.vocab_padded])
     with pytest.raises(DfplanError, match="outside"):

@@ -313,13 +313,13 @@ class LiteModel:
         stops = tuple(stop or ())
         if any(not s for s in stops):
             raise DfplanError("a stop string must not be empty")
-        gen = self._text(ids, max_new_tokens, stops, kw)
+        gen = self._text(self.generate_ids(ids, max_new_tokens, **kw), stops)   # checks kw now
         return gen if stream else "".join(gen)
 
-    def _text(self, ids, max_new_tokens, stops, kw) -> Iterator[str]:
+    def _text(self, new_ids: Iterator[int], stops) -> Iterator[str]:
         pieces: list[str] = []
         tracker = TextTracker(self.tokenizer, 1, stops, stream_row=0, emit=pieces.append)
-        for t, nxt in enumerate(self.generate_ids(ids, max_new_tokens, **kw)):
+        for t, nxt in enumerate(new_ids):
             done = tracker([nxt], t)
             yield from pieces
             pieces.clear()
