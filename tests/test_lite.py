@@ -201,6 +201,14 @@ def test_bad_input_is_refused(dfssm, tmp_path, tok):
         assert unsupported(d)
         with pytest.raises(DfplanError, match="--runtime torch"):
             lite.load(d)
+    # an asymmetric int8 embedding (a zero point per row) would be read wrong: refused
+    plan = tmp_path / "asym.json"
+    plan.write_text(json.dumps({"format": "dfplan-plan", "version": 1, "default": "fp16", "specs": {
+        "*.in_proj": "bin", "*.out_proj": "bin", "backbone.embedding": "int8a"}}))
+    mm = build_model(CFG, seed=1).eval()
+    dfplan.compress(mm, plan)
+    dfplan.save_packed(mm, tmp_path / "asym", tokenizer=tok)
+    assert "embedding" in unsupported(tmp_path / "asym")
     assert unsupported(tmp_path) == "not a packed artifact"
     assert unsupported(dfssm) is None
 

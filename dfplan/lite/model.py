@@ -26,8 +26,8 @@ from ..errors import DfplanError
 from ..packed_files import CONFIG, PLAN, TOKENIZER, WEIGHTS, read_manifest, verify_packed
 from ..prompting import DecodeStats, check_fits
 from ..textstream import TextTracker
+from ..tokenizer import check_vocab, load_tokenizer
 from ..tokenizer import eos_id as tokenizer_eos_id
-from ..tokenizer import load_tokenizer
 from . import native
 
 STATE_TYPES = {"fp32": 0, "bf16": 1, "fp16": 2}
@@ -70,9 +70,7 @@ class LiteModel:
         tok_path = tokenizer if tokenizer is not None else (d / TOKENIZER if (d / TOKENIZER).exists() else None)
         if tok_path is not None:
             self.tokenizer = load_tokenizer(tok_path)
-            if self.tokenizer.get_vocab_size() > cfg.vocab_padded:
-                raise DfplanError(f"the tokenizer has {self.tokenizer.get_vocab_size():,} tokens but the model "
-                                  f"only {cfg.vocab_padded:,} embeddings: wrong tokenizer for {d}")
+            check_vocab(self.tokenizer, cfg)
         self.path = d
         state = cfg.n_layer * (cfg.nheads * cfg.headdim * cfg.d_state * (4 if self.state_dtype_name == "fp32" else 2)
                                + cfg.conv_dim * cfg.d_conv * 4)
@@ -104,8 +102,9 @@ class LiteModel:
             if k not in header:
                 raise DfplanError(f"{weights} has no {k}: the lite runtime needs the int8 tied embedding "
                                   "(the DF-SSM layouts); use --runtime torch")
-        if header["backbone.embedding.qweight"]["dtype"] != "I8":
-            raise DfplanError(f"{weights}: the embedding is not int8; use --runtime torch")
+        why = _header_unsupported(header, cfg)
+        if why:
+            raise DfplanError(f"{weights}: {why}; use --runtime torch")
         self._arena, self._where = hugepages.read_arena(weights, list(header), huge=hugepages.enabled())
         self._keep = []                      # fp32 copies and ctypes structs the library points into
         lib = self.lib
@@ -356,8 +355,21 @@ def unsupported(path) -> str | None:
         _, h = hugepages.safetensors_index(d / WEIGHTS)
     except (OSError, KeyError, TypeError, ValueError, DfplanError) as e:
         return str(e)
-    if h.get("backbone.embedding.qweight", {}).get("dtype") != "I8":
-        return "the embedding is not int8"
+    return _header_unsupported(h, cfg)
+
+
+_BINARY_PARTS = {"bits", "row_scale", "col_scale", "col_shift", "u", "v", "u_scale", "v_scale", "bias"}
+
+
+def _header_unsupported(h: dict, cfg: Mamba2Config) -> str | None:
+    """What in a safetensors header the lite runtime cannot run (None: nothing)."""
+    emb = h.get("backbone.embedding.qweight", {})
+    if emb.get("dtype") != "I8" or emb.get("shape") != [cfg.vocab_padded, cfg.d_model] \
+            or "backbone.embedding.scale" not in h:
+        return "the embedding is not int8 row-wise"
+    if any(k.startswith("backbone.embedding.") for k in h
+           if k not in ("backbone.embedding.qweight", "backbone.embedding.scale")):
+        return "the embedding is not symmetric int8 (it has a zero point)"
     for i in range(cfg.n_layer):
         for proj in ("in_proj", "out_proj"):
             p = f"backbone.layers.{i}.mixer.{proj}"
@@ -365,4 +377,7 @@ def unsupported(path) -> str | None:
                 return f"{p} is not 1-bit"
             if p + ".u" in h and h[p + ".u"]["dtype"] != "I8":
                 return f"{p}'s correction is not int8"
+            extra = {k[len(p) + 1:] for k in h if k.startswith(p + ".")} - _BINARY_PARTS
+            if extra:
+                return f"{p} has tensors the lite runtime does not read: {sorted(extra)}"
     return None
