@@ -37,16 +37,24 @@ def _packed(tmp_path_factory, tok, layout):
     d = tmp_path_factory.mktemp(f"packed-{layout}")
     m = build_model(CFG, seed=1).eval()
     plan = f"layout:{layout}"
-    if layout == "mixed":       # FBI scales with a rank-8 correction, plain 1-bit without one
-        plan = d.parent / "mixed-plan.json"
-        plan.write_text(json.dumps({"format": "dfplan-plan", "version": 1, "default": "fp16", "specs": {
-            "*.in_proj": "fbi+r8", "*.out_proj": "bin", "backbone.embedding": "int8"}}))
+    specs = {
+        # FBI scales with a rank-8 correction, plain 1-bit without one
+        "mixed": {"*.in_proj": "fbi+r8", "*.out_proj": "bin", "backbone.embedding": "int8"},
+        # what a search among the default candidates writes: 1-bit and IntN of every width
+        "intn": {"*.in_proj": "int4", "backbone.layers.1.mixer.in_proj": "int3",
+                 "*.out_proj": "bin+r8", "backbone.layers.0.mixer.out_proj": "int2",
+                 "backbone.layers.2.mixer.out_proj": "int8", "backbone.embedding": "int4"},
+    }
+    if layout in specs:
+        plan = d.parent / f"{layout}-plan.json"
+        plan.write_text(json.dumps({"format": "dfplan-plan", "version": 1, "default": "fp16",
+                                    "specs": specs[layout]}))
     dfplan.compress(m, plan)
     dfplan.save_packed(m, d, tokenizer=tok)
     return d
 
 
-@pytest.fixture(scope="module", params=["dfssm", "dfssm-scaffold", "mixed"])
+@pytest.fixture(scope="module", params=["dfssm", "dfssm-scaffold", "mixed", "intn"])
 def packed(request, tmp_path_factory, tok):
     return _packed(tmp_path_factory, tok, request.param)
 
@@ -191,14 +199,24 @@ def test_bad_input_is_refused(dfssm, tmp_path, tok):
         m.generate([CFG.vocab_size], 2)
     with pytest.raises(DfplanError, match="state dtype"):
         lite.load(dfssm, state_dtype="int8")
-    # IntN layers, or a float embedding, are not the lite runtime's: it says which runtime is
+    # a float embedding, a layer kept in float, grouped / asymmetric IntN are not the lite
+    # runtime's: it says which runtime is
     from dfplan.lite.model import unsupported
-    for layout in ("int4", "bimamba"):
-        d = tmp_path / layout
+    cases = {"bimamba": "layout:bimamba",
+             "kept": {"*.in_proj": "bin", "*.out_proj": "bin", "backbone.layers.1.mixer.out_proj": "fp16",
+                      "backbone.embedding": "int8"},
+             "grouped": {"*.in_proj": "bin", "*.out_proj": "int4g16", "backbone.embedding": "int8"},
+             "asym": {"*.in_proj": "bin", "*.out_proj": "int4a", "backbone.embedding": "int8"}}
+    for name, plan in cases.items():
+        if isinstance(plan, dict):
+            f = tmp_path / f"{name}.json"
+            f.write_text(json.dumps({"format": "dfplan-plan", "version": 1, "default": "fp16", "specs": plan}))
+            plan = f
+        d = tmp_path / name
         mm = build_model(CFG, seed=1).eval()
-        dfplan.compress(mm, f"layout:{layout}")
+        dfplan.compress(mm, plan)
         dfplan.save_packed(mm, d, tokenizer=tok)
-        assert unsupported(d)
+        assert unsupported(d), name
         with pytest.raises(DfplanError, match="--runtime torch"):
             lite.load(d)
     # an asymmetric int8 embedding (a zero point per row) would be read wrong: refused

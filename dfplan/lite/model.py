@@ -6,8 +6,11 @@ pointers into it. fp16 fixed tensors (norms, conv, A_log, D, dt_bias) are widene
 once, as `load_packed` does for the torch model; compressed payloads keep their bytes.
 
 Supported: every mixer's in_proj and out_proj 1-bit (row or FBI scales, int8 low-rank
-correction), the tied embedding int8 row-wise: the DF-SSM layouts. Anything else raises a
-DfplanError that names what is unsupported (`--runtime torch` runs every format).
+correction) or row-wise symmetric IntN (2/3/4-bit codes unpacked to int8 once, as the torch
+runtime does), the tied embedding row-wise symmetric IntN: the DF-SSM layouts and plans
+searched among the default 1-bit / IntN candidates. Anything else (a layer kept in float,
+grouped or asymmetric IntN, attention, an untied head) raises a DfplanError that names it
+(`--runtime torch` runs every format).
 """
 from __future__ import annotations
 
@@ -97,11 +100,8 @@ class LiteModel:
     def _load(self, weights: Path, cfg: Mamba2Config, chunk: int) -> None:
         _, header = hugepages.safetensors_index(weights)
         self._header = header
-        need = ["backbone.embedding.qweight", "backbone.embedding.scale", "backbone.norm_f.weight"]
-        for k in need:
-            if k not in header:
-                raise DfplanError(f"{weights} has no {k}: the lite runtime needs the int8 tied embedding "
-                                  "(the DF-SSM layouts); use --runtime torch")
+        if "backbone.norm_f.weight" not in header:
+            raise DfplanError(f"{weights} has no backbone.norm_f.weight: not a Mamba-2 artifact")
         why = _header_unsupported(header, cfg)
         if why:
             raise DfplanError(f"{weights}: {why}; use --runtime torch")
@@ -117,7 +117,7 @@ class LiteModel:
         self._fp32 = self._widen_all(cfg)
         for i in range(cfg.n_layer):
             p = f"backbone.layers.{i}."
-            lin = [self._binary(p + "mixer." + n, f16c, blocks) for n in ("in_proj", "out_proj")]
+            lin = [self._proj(p + "mixer." + n, f16c, blocks) for n in ("in_proj", "out_proj")]
             step = native.StepWeights(
                 conv_w=self._f32(p + "mixer.conv1d.weight"),
                 conv_b=self._f32(p + "mixer.conv1d.bias", optional=True),
@@ -128,10 +128,12 @@ class LiteModel:
                 d_per_channel=self._numel(p + "mixer.D") == cfg.d_inner,
                 norm_before_gate=bool(cfg.norm_before_gate))
             self._keep += [*lin, step]
+            args = [ctypes.byref(w) if isinstance(w, kind) else None
+                    for w in lin for kind in (native.BinaryWeights, native.Int8Weights)]
             native.check(lib.dfl_add_layer(self._model, self._f32(p + "norm.weight"), cfg.norm_epsilon,
-                                           ctypes.byref(lin[0]), ctypes.byref(lin[1]), ctypes.byref(step)),
-                         f"layer {i}")
-        native.check(lib.dfl_set_head(self._model, self._ptr("backbone.embedding.qweight"),
+                                           *args, ctypes.byref(step)), f"layer {i}")
+        native.check(lib.dfl_set_head(self._model, self._int8_codes("backbone.embedding", cfg.vocab_padded,
+                                                                    cfg.d_model),
                                       self._f32("backbone.embedding.scale"),
                                       self._f32("backbone.norm_f.weight"), cfg.norm_epsilon), "head")
         self._logits = (ctypes.c_float * cfg.vocab_padded)()
@@ -190,6 +192,28 @@ class LiteModel:
             self._keep.append(buf)
             self._fp32[name] = ctypes.addressof(buf)
         return native.RowVec(f32=self._fp32[name])
+
+    def _int8_codes(self, prefix: str, rows: int, n: int):
+        """Address of (rows, n) int8 codes of a row-wise IntN unit: its own bytes at 8 bits,
+        else unpacked once into memory of their own (as the torch runtime's fast_weights)."""
+        info = self._header[prefix + ".qweight"]
+        bits = intn_bits(info, rows, n)
+        if bits == 8:
+            return self._ptr(prefix + ".qweight")
+        buf = mmap.mmap(-1, max(rows * n, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        self._keep.append(buf)
+        addr = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+        self.lib.dfl_unpack_intn(self._ptr(prefix + ".qweight"), rows, n, bits, addr)
+        return addr
+
+    def _proj(self, prefix: str, f16c: bool, blocks: bool):
+        """native.BinaryWeights for a 1-bit projection, native.Int8Weights for an IntN one."""
+        if prefix + ".qweight" not in self._header:
+            return self._binary(prefix, f16c, blocks)
+        cfg = self.config
+        rows, n = (cfg.d_in_proj, cfg.d_model) if prefix.endswith("in_proj") else (cfg.d_model, cfg.d_inner)
+        return native.Int8Weights(q=self._int8_codes(prefix, rows, n), scale=self._f32(prefix + ".scale"),
+                                  bias=self._f32(prefix + ".bias", optional=True), out=rows, in_=n)
 
     def _binary(self, prefix: str, f16c: bool, blocks: bool) -> native.BinaryWeights:
         h = self._header
@@ -359,22 +383,52 @@ def unsupported(path) -> str | None:
 
 
 _BINARY_PARTS = {"bits", "row_scale", "col_scale", "col_shift", "u", "v", "u_scale", "v_scale", "bias"}
+_INTN_PARTS = {"qweight", "scale", "bias"}
+
+
+def intn_bits(info: dict, rows: int, n: int) -> int | None:
+    """Bits per code of a row-wise symmetric IntN `qweight` of (rows, n) values, from its
+    stored dtype and shape (int8 as is; 2/3/4-bit codes packed into ceil(n * bits / 8) bytes)."""
+    shape = info.get("shape")
+    if info.get("dtype") == "I8" and shape == [rows, n]:
+        return 8
+    if info.get("dtype") == "U8" and shape and len(shape) == 2 and shape[0] == rows:
+        for b in (2, 3, 4):
+            if (n * b + 7) // 8 == shape[1]:
+                return b
+    return None
+
+
+def _intn_unsupported(h: dict, p: str, rows: int, n: int) -> str | None:
+    """Why the IntN unit `p` (qweight, scale[, bias]) is not row-wise symmetric IntN."""
+    parts = {k[len(p) + 1:] for k in h if k.startswith(p + ".")}
+    if parts - _INTN_PARTS:      # a zero point (asymmetric) or anything else
+        return f"{p} is not symmetric IntN (it has {sorted(parts - _INTN_PARTS)})"
+    if intn_bits(h.get(p + ".qweight", {}), rows, n) is None:
+        return f"{p} is not 1-bit or row-wise IntN (2/3/4/8 bits)"
+    if h.get(p + ".scale", {}).get("shape") != [rows]:
+        return f"{p} is grouped IntN (one scale per group, not per row)"
+    return None
 
 
 def _header_unsupported(h: dict, cfg: Mamba2Config) -> str | None:
     """What in a safetensors header the lite runtime cannot run (None: nothing)."""
-    emb = h.get("backbone.embedding.qweight", {})
-    if emb.get("dtype") != "I8" or emb.get("shape") != [cfg.vocab_padded, cfg.d_model] \
-            or "backbone.embedding.scale" not in h:
-        return "the embedding is not int8 row-wise"
-    if any(k.startswith("backbone.embedding.") for k in h
-           if k not in ("backbone.embedding.qweight", "backbone.embedding.scale")):
-        return "the embedding is not symmetric int8 (it has a zero point)"
+    if "backbone.embedding.qweight" not in h:
+        return "the embedding is not quantized (a float head needs --runtime torch)"
+    why = _intn_unsupported(h, "backbone.embedding", cfg.vocab_padded, cfg.d_model)
+    if why:
+        return why
+    widths = {"in_proj": (cfg.d_in_proj, cfg.d_model), "out_proj": (cfg.d_model, cfg.d_inner)}
     for i in range(cfg.n_layer):
-        for proj in ("in_proj", "out_proj"):
+        for proj, (rows, n) in widths.items():
             p = f"backbone.layers.{i}.mixer.{proj}"
+            if p + ".qweight" in h:
+                why = _intn_unsupported(h, p, rows, n)
+                if why:
+                    return why
+                continue
             if h.get(p + ".bits", {}).get("dtype") != "U8":
-                return f"{p} is not 1-bit"
+                return f"{p} is neither 1-bit nor IntN (kept in float)"
             if p + ".u" in h and h[p + ".u"]["dtype"] != "I8":
                 return f"{p}'s correction is not int8"
             extra = {k[len(p) + 1:] for k in h if k.startswith(p + ".")} - _BINARY_PARTS

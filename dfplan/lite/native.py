@@ -23,7 +23,7 @@ _HEADERS = [_CSRC / "cpu_common.h"]
 # as the torch extension: no -march, the wide paths carry function-level target attributes
 _CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-std=c++17", "-fPIC", "-DDFPLAN_LITE"]
 _NAME = "dfplan_lite"
-ABI_VERSION = 3
+ABI_VERSION = 4
 
 _lock = threading.Lock()
 _lib: list = []
@@ -42,6 +42,12 @@ class BinaryWeights(ctypes.Structure):
                 ("bias", RowVec), ("u_scale", RowVec), ("col_scale", ctypes.c_void_p),
                 ("col_shift", ctypes.c_void_p), ("u", ctypes.c_void_p), ("v", ctypes.c_void_p),
                 ("v_scale", ctypes.c_void_p), ("r", ctypes.c_int64)]
+
+
+class Int8Weights(ctypes.Structure):
+    """lite_cpu.cpp Int8Weights: a row-wise int8 projection (codes, fp32 scale, bias)."""
+    _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
+                ("out", ctypes.c_int64), ("in_", ctypes.c_int64)]
 
 
 class StepWeights(ctypes.Structure):
@@ -68,8 +74,11 @@ _SIGNATURES = {
                                      ctypes.c_int, ctypes.c_int64]),
     "dfl_destroy": (None, [ctypes.c_void_p]),
     "dfl_add_layer": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double,
-                                     ctypes.POINTER(BinaryWeights), ctypes.POINTER(BinaryWeights),
+                                     ctypes.POINTER(BinaryWeights), ctypes.POINTER(Int8Weights),
+                                     ctypes.POINTER(BinaryWeights), ctypes.POINTER(Int8Weights),
                                      ctypes.POINTER(StepWeights)]),
+    "dfl_unpack_intn": (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
+                               ctypes.c_void_p]),
     "dfl_set_head": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
                                     ctypes.c_void_p, ctypes.c_double]),
     "dfl_reset": (None, [ctypes.c_void_p]),
@@ -129,8 +138,8 @@ def library():
                                       f"(g++): {str(e).strip().splitlines()[-1] if str(e).strip() else e}; "
                                       "use --runtime torch instead") from None
                 want = (ABI_VERSION, ctypes.sizeof(BinaryWeights), ctypes.sizeof(StepWeights),
-                        ctypes.sizeof(RowVec))
-                got = tuple(lib.dfl_abi(i) for i in range(4))
+                        ctypes.sizeof(RowVec), ctypes.sizeof(Int8Weights))
+                got = tuple(lib.dfl_abi(i) for i in range(len(want)))
                 if got != want:
                     raise DfplanError(f"the lite library's ABI {got} does not match its Python side {want}; "
                                       "remove the kernel cache and run again")

@@ -2,8 +2,9 @@
 // extension runs, built with -DDFPLAN_LITE and loaded through ctypes.
 //
 // Why: torch alone is ~225 MiB of a process's RSS (its C++ heap and Python modules), more
-// than the 1-bit weights of Mamba-2 1.3B. A packed artifact whose linears are all 1-bit and
-// whose head is the tied int8 embedding needs nothing from torch to decode: this file holds
+// than the 1-bit weights of Mamba-2 1.3B. A packed artifact whose linears are 1-bit or
+// row-wise IntN and whose head is the tied IntN embedding needs nothing from torch to decode
+// (the DF-SSM layouts, and plans searched among the default 1-bit / IntN candidates): this file holds
 // the layer loop (stack_cpu.cpp's, on raw pointers), the embedding row, the final norm, the
 // int8 head and the sampler. The Python side (dfplan/lite/) reads the safetensors file into
 // memory it owns and hands the pointers over; nothing here allocates weights.
@@ -29,10 +30,42 @@ using namespace dfplan_cpu;
 
 thread_local std::string g_error;
 
+// A projection: 1-bit, or int8 codes per row (IntN row-wise symmetric, 2/3/4-bit codes
+// unpacked to int8 at load as the torch runtime does) with an fp32 scale and optional bias.
+struct Int8Weights {
+  const int8_t* q = nullptr;  // (out, in)
+  const float* scale = nullptr;
+  const float* bias = nullptr;
+  int64_t out = 0, in = 0;
+};
+
+struct Proj {
+  bool binary = true;
+  BinaryWeights bin;
+  Int8Weights i8;
+  int64_t out() const { return binary ? bin.out : i8.out; }
+  int64_t in() const { return binary ? bin.in : i8.in; }
+  void operator()(int64_t isa, const float* x, int64_t T, float* y) const {
+    if (binary)
+      binary_linear_raw(bin, isa, x, T, y);
+    else
+      int8_linear_raw(i8.q, i8.out, i8.in, i8.scale, i8.bias, isa, x, T, y);
+  }
+};
+
+Proj make_proj(const BinaryWeights* bin, const Int8Weights* i8) {
+  DF_CHECK((bin == nullptr) != (i8 == nullptr), "a projection is 1-bit or int8, exactly one");
+  Proj p;
+  p.binary = bin != nullptr;
+  if (bin) p.bin = *bin;
+  if (i8) p.i8 = *i8;
+  return p;
+}
+
 struct Layer {
   const float* norm_w;  // (d,)
   float eps;
-  BinaryWeights in, out;
+  Proj in, out;
   StepWeights step;
   std::vector<float> conv;     // (conv_dim, d_conv)
   std::vector<uint8_t> ssm;    // (H, P, N) in the state type
@@ -43,18 +76,18 @@ class LiteModel {
   LiteModel(int64_t d, int64_t vocab, int64_t isa, bool use_avx2, StateType st, int64_t chunk)
       : d_(d), vocab_(vocab), isa_(isa), use_avx2_(use_avx2), st_(st), chunk_(std::max<int64_t>(chunk, 1)) {}
 
-  void add_layer(const float* norm_w, double eps, const BinaryWeights& in, const BinaryWeights& out,
+  void add_layer(const float* norm_w, double eps, const Proj& in, const Proj& out,
                  const StepWeights& step) {
-    DF_CHECK(in.in == d_ && out.out == d_, "layer ", layers_.size(), ": in_proj takes ", in.in,
-             " and out_proj gives ", out.out, " features, the model width is ", d_);
+    DF_CHECK(in.in() == d_ && out.out() == d_, "layer ", layers_.size(), ": in_proj takes ", in.in(),
+             " and out_proj gives ", out.out(), " features, the model width is ", d_);
     const int64_t d_inner = step.H * step.P;
-    DF_CHECK(in.out == 2 * d_inner + 2 * step.G * step.N + step.H && out.in == d_inner,
+    DF_CHECK(in.out() == 2 * d_inner + 2 * step.G * step.N + step.H && out.in() == d_inner,
              "layer ", layers_.size(), ": projection widths do not match the mixer");
     DF_CHECK(step.conv_dim == d_inner + 2 * step.G * step.N, "conv width does not match the mixer");
     Layer l{norm_w, float(eps), in, out, step, {}, {}};
     l.conv.assign(static_cast<size_t>(step.conv_dim * step.d_conv), 0.f);
     l.ssm.assign(static_cast<size_t>(step.H * step.P * step.N * (st_ == StateType::f32 ? 4 : 2)), 0);
-    zx_w_ = std::max(zx_w_, in.out);
+    zx_w_ = std::max(zx_w_, in.out());
     y_w_ = std::max(y_w_, d_inner);
     layers_.push_back(std::move(l));
   }
@@ -103,12 +136,12 @@ class LiteModel {
       for (auto& l : layers_) {
         add_rms_norm(hidden_.data(), residual_.data(), first, l.norm_w, l.eps, n, d_, normed_.data());
         first = false;
-        binary_linear_raw(l.in, isa_, normed_.data(), n, zx_.data());
+        l.in(isa_, normed_.data(), n, zx_.data());
         const int64_t d_inner = l.step.H * l.step.P;
         for (int64_t t = 0; t < n; ++t)
-          mamba2_step_raw(l.step, zx_.data() + t * l.in.out, 1, l.conv.data(), l.ssm.data(), st_,
+          mamba2_step_raw(l.step, zx_.data() + t * l.in.out(), 1, l.conv.data(), l.ssm.data(), st_,
                           use_avx2_, y_.data() + t * d_inner);
-        binary_linear_raw(l.out, isa_, y_.data(), n, hidden_.data());
+        l.out(isa_, y_.data(), n, hidden_.data());
       }
       if (t0 + n < T) continue;
       // head on the last token: residual += hidden, final norm, int8 logits
@@ -155,10 +188,11 @@ const char* dfl_last_error() { return g_error.c_str(); }
 // sizeof of the structs the Python side mirrors with ctypes: a mismatch stops the load
 int64_t dfl_abi(int64_t which) {
   switch (which) {
-    case 0: return 3;  // ABI version
+    case 0: return 4;  // ABI version
     case 1: return int64_t(sizeof(BinaryWeights));
     case 2: return int64_t(sizeof(StepWeights));
     case 3: return int64_t(sizeof(RowVec));
+    case 4: return int64_t(sizeof(Int8Weights));
     default: return -1;
   }
 }
@@ -180,6 +214,22 @@ void dfl_bf16_to_f32(const uint16_t* src, float* dst, int64_t n) {
     std::memcpy(dst + i, &b, 4);
   }
 }
+// Row-wise IntN codes (formats/quant.py pack_intn: offset binary, an LSB-first bitstream
+// per row of ceil(n * bits / 8) bytes) -> int8 values code - 2^(bits - 1), (rows, n).
+void dfl_unpack_intn(const uint8_t* src, int64_t rows, int64_t n, int bits, int8_t* dst) {
+  const int64_t nbytes = (n * bits + 7) / 8;
+  const int offset = 1 << (bits - 1), mask = (1 << bits) - 1;
+  for (int64_t r = 0; r < rows; ++r) {
+    const uint8_t* row = src + r * nbytes;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t bit = j * bits;
+      uint32_t w = row[bit >> 3];
+      if ((bit & 7) + bits > 8) w |= uint32_t(row[(bit >> 3) + 1]) << 8;
+      dst[r * n + j] = static_cast<int8_t>(int((w >> (bit & 7)) & uint32_t(mask)) - offset);
+    }
+  }
+}
+
 void dfl_reorder_row_blocks(uint8_t* bits, int64_t out, int64_t nb) {
   reorder_row_blocks_raw(bits, out, nb, true);
 }
@@ -197,9 +247,14 @@ void* dfl_create(int64_t d_model, int64_t vocab, int64_t isa_req, int use_avx2, 
 
 void dfl_destroy(void* m) { delete static_cast<LiteModel*>(m); }
 
-int dfl_add_layer(void* m, const float* norm_w, double eps, const BinaryWeights* in,
-                  const BinaryWeights* out, const StepWeights* step) {
-  return guarded([&] { static_cast<LiteModel*>(m)->add_layer(norm_w, eps, *in, *out, *step); });
+// in_proj and out_proj: each 1-bit (its BinaryWeights, Int8Weights null) or int8 (the other way)
+int dfl_add_layer(void* m, const float* norm_w, double eps, const BinaryWeights* in_bin,
+                  const Int8Weights* in_i8, const BinaryWeights* out_bin, const Int8Weights* out_i8,
+                  const StepWeights* step) {
+  return guarded([&] {
+    static_cast<LiteModel*>(m)->add_layer(norm_w, eps, make_proj(in_bin, in_i8), make_proj(out_bin, out_i8),
+                                          *step);
+  });
 }
 
 int dfl_set_head(void* m, const int8_t* q, const float* scale, const float* norm_w, double eps) {
