@@ -176,6 +176,8 @@ def test_text_streams_equal_the_whole_and_stop(dfssm):
     whole = m.generate_text("hello world", max_new_tokens=24, eos=False)
     assert "".join(m.generate_text("hello world", max_new_tokens=24, eos=False, stream=True)) == whole
     assert whole == m.tokenizer.decode(m.generate(m.tokenizer.encode("hello world").ids, 24, eos=False)[2:])
+    texts = m.generate_text(["hello world", "the quick"], max_new_tokens=24, eos=False)
+    assert texts == [whole, m.generate_text("the quick", max_new_tokens=24, eos=False)]
     if len(whole) > 3:
         stop = whole[2:4]
         cut = m.generate_text("hello world", max_new_tokens=24, eos=False, stop=[stop])

@@ -322,12 +322,20 @@ class LiteModel:
         """prompt ids -> prompt + new ids."""
         return [int(i) for i in prompt_ids] + list(self.generate_ids(prompt_ids, max_new_tokens, **kw))
 
-    def generate_text(self, prompt: str, max_new_tokens: int = 64, *, stream: bool = False,
+    def generate_text(self, prompt, max_new_tokens: int = 64, *, stream: bool = False,
                       stop=None, **kw):
-        """The new text (not the prompt); stream=True yields it piece by piece instead."""
+        """The new text (not the prompt); stream=True yields it piece by piece instead. A list
+        of prompts gives a list of texts, generated one after another (batch 1); a seed then
+        seeds each prompt alike."""
         if self.tokenizer is None:
             raise DfplanError(f"{self.path} has no tokenizer.json; pass tokenizer= (a tokenizer.json "
                               "file, a folder holding one, or a hub id)")
+        if isinstance(prompt, (list, tuple)):
+            if stream:
+                raise DfplanError("stream=True takes one prompt, not a list")
+            if not prompt:
+                raise DfplanError("no prompts given")
+            return [self.generate_text(p, max_new_tokens, stop=stop, **kw) for p in prompt]
         if not isinstance(prompt, str):
             raise DfplanError(f"the prompt is {type(prompt).__name__}, not a string")
         ids = self.tokenizer.encode(prompt).ids
