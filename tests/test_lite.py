@@ -203,7 +203,7 @@ def test_bad_input_is_refused(dfssm, tmp_path, tok):
         lite.load(dfssm, state_dtype="int8")
     # a float embedding, a layer kept in float, grouped / asymmetric IntN are not the lite
     # runtime's: it says which runtime is
-    from dfplan.lite.model import unsupported
+    from dfplan.lite.support import unsupported
     cases = {"bimamba": "layout:bimamba",
              "kept": {"*.in_proj": "bin", "*.out_proj": "bin", "backbone.layers.1.mixer.out_proj": "fp16",
                       "backbone.embedding": "int8"},

@@ -39,7 +39,7 @@ def command(model_arg, prompt, prompt_file, tokenizer, max_new_tokens, temperatu
               top_p=top_p, seed=seed, stop=stop, state_dtype=state_dtype, stream=not no_stream,
               eos=not no_eos)
     if runtime != "torch":
-        from ..lite.model import unsupported
+        from ..lite.support import unsupported
         why = unsupported(model_arg) if device in (None, "cpu") else f"--device {device}"
         if why is None:
             from ..lite import native

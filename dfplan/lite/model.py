@@ -32,6 +32,7 @@ from ..textstream import TextTracker
 from ..tokenizer import check_vocab, load_tokenizer
 from ..tokenizer import eos_id as tokenizer_eos_id
 from . import native
+from .support import config_unsupported, header_unsupported, intn_bits
 
 STATE_TYPES = {"fp32": 0, "bf16": 1, "fp16": 2}
 _ROWS, _ROW_BLOCKS = 0, 1
@@ -61,7 +62,9 @@ class LiteModel:
         raw = json.loads((d / CONFIG).read_text())
         self.config = cfg = Mamba2Config.from_dict(raw["dfplan_config"], name=raw.get("name", d.name))
         plan = json.loads((d / PLAN).read_text())
-        self._check_supported(cfg)
+        why = config_unsupported(cfg)
+        if why:
+            raise DfplanError(f"{d}: {why}; use --runtime torch")
         self.lib = lib = native.library()
         if threads:
             lib.dfl_set_threads(int(threads))
@@ -82,27 +85,12 @@ class LiteModel:
         self.last_stats: DecodeStats | None = None
 
     # -- loading ---------------------------------------------------------------------------
-    @staticmethod
-    def _check_supported(cfg: Mamba2Config) -> None:
-        why = []
-        if cfg.attn_layer_idx:
-            why.append("attention layers")
-        if cfg.d_intermediate:
-            why.append("MLP blocks")
-        if not cfg.tie_embeddings:
-            why.append("an untied lm_head")
-        if not cfg.residual_in_fp32:
-            why.append("a residual stream that is not fp32")
-        if why:
-            raise DfplanError(f"the lite runtime runs pure Mamba-2 models with a tied head; this one has "
-                              f"{', '.join(why)}: use --runtime torch")
-
     def _load(self, weights: Path, cfg: Mamba2Config, chunk: int) -> None:
         _, header = hugepages.safetensors_index(weights)
         self._header = header
         if "backbone.norm_f.weight" not in header:
             raise DfplanError(f"{weights} has no backbone.norm_f.weight: not a Mamba-2 artifact")
-        why = _header_unsupported(header, cfg)
+        why = header_unsupported(header, cfg)
         if why:
             raise DfplanError(f"{weights}: {why}; use --runtime torch")
         self._arena, self._where = hugepages.read_arena(weights, list(header), huge=hugepages.enabled())
@@ -371,75 +359,3 @@ class LiteModel:
 def load(path, **kw) -> LiteModel:
     """dfplan.lite.load(packed_dir, tokenizer=None, state_dtype=None, threads=None)."""
     return LiteModel(path, **kw)
-
-
-
-def unsupported(path) -> str | None:
-    """Why the lite runtime cannot run `path` (None: it can), from the config and the
-    safetensors header alone: nothing is loaded."""
-    d = Path(path).expanduser()
-    if not (d.is_dir() and (d / "manifest.json").exists()):
-        return "not a packed artifact"
-    try:
-        raw = json.loads((d / CONFIG).read_text())
-        cfg = Mamba2Config.from_dict(raw["dfplan_config"], name=raw.get("name", d.name))
-        LiteModel._check_supported(cfg)
-        _, h = hugepages.safetensors_index(d / WEIGHTS)
-    except (OSError, KeyError, TypeError, ValueError, DfplanError) as e:
-        return str(e)
-    return _header_unsupported(h, cfg)
-
-
-_BINARY_PARTS = {"bits", "row_scale", "col_scale", "col_shift", "u", "v", "u_scale", "v_scale", "bias"}
-_INTN_PARTS = {"qweight", "scale", "bias"}
-
-
-def intn_bits(info: dict, rows: int, n: int) -> int | None:
-    """Bits per code of a row-wise symmetric IntN `qweight` of (rows, n) values, from its
-    stored dtype and shape (int8 as is; 2/3/4-bit codes packed into ceil(n * bits / 8) bytes)."""
-    shape = info.get("shape")
-    if info.get("dtype") == "I8" and shape == [rows, n]:
-        return 8
-    if info.get("dtype") == "U8" and shape and len(shape) == 2 and shape[0] == rows:
-        for b in (2, 3, 4):
-            if (n * b + 7) // 8 == shape[1]:
-                return b
-    return None
-
-
-def _intn_unsupported(h: dict, p: str, rows: int, n: int) -> str | None:
-    """Why the IntN unit `p` (qweight, scale[, bias]) is not row-wise symmetric IntN."""
-    parts = {k[len(p) + 1:] for k in h if k.startswith(p + ".")}
-    if parts - _INTN_PARTS:      # a zero point (asymmetric) or anything else
-        return f"{p} is not symmetric IntN (it has {sorted(parts - _INTN_PARTS)})"
-    if intn_bits(h.get(p + ".qweight", {}), rows, n) is None:
-        return f"{p} is not 1-bit or row-wise IntN (2/3/4/8 bits)"
-    if h.get(p + ".scale", {}).get("shape") != [rows]:
-        return f"{p} is grouped IntN (one scale per group, not per row)"
-    return None
-
-
-def _header_unsupported(h: dict, cfg: Mamba2Config) -> str | None:
-    """What in a safetensors header the lite runtime cannot run (None: nothing)."""
-    if "backbone.embedding.qweight" not in h:
-        return "the embedding is not quantized (a float head needs --runtime torch)"
-    why = _intn_unsupported(h, "backbone.embedding", cfg.vocab_padded, cfg.d_model)
-    if why:
-        return why
-    widths = {"in_proj": (cfg.d_in_proj, cfg.d_model), "out_proj": (cfg.d_model, cfg.d_inner)}
-    for i in range(cfg.n_layer):
-        for proj, (rows, n) in widths.items():
-            p = f"backbone.layers.{i}.mixer.{proj}"
-            if p + ".qweight" in h:
-                why = _intn_unsupported(h, p, rows, n)
-                if why:
-                    return why
-                continue
-            if h.get(p + ".bits", {}).get("dtype") != "U8":
-                return f"{p} is neither 1-bit nor IntN (kept in float)"
-            if p + ".u" in h and h[p + ".u"]["dtype"] != "I8":
-                return f"{p}'s correction is not int8"
-            extra = {k[len(p) + 1:] for k in h if k.startswith(p + ".")} - _BINARY_PARTS
-            if extra:
-                return f"{p} has tensors the lite runtime does not read: {sorted(extra)}"
-    return None
