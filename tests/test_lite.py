@@ -92,17 +92,19 @@ def test_lite_steps_equal_the_torch_model(packed):
     assert got.shape == (CFG.vocab_padded,)
 
 
-def test_prefill_chunks_equal_token_by_token(packed):
+@pytest.mark.parametrize("state", ["fp32", "bf16"])
+def test_prefill_chunks_equal_token_by_token(packed, state):
+    """The fused step over a chunk's tokens (head by head) against one token at a time."""
     from dfplan import lite
-    stepped = lite.load(packed, prefill_chunk=1)
+    stepped = lite.load(packed, prefill_chunk=1, state_dtype=state)
     stepped.reset()
     for i in IDS:
         one = torch.tensor(list(stepped.forward([i])))
     for chunk in (4, 64):
-        got = torch.tensor(lite.load(packed, prefill_chunk=chunk).logits(IDS))
+        got = torch.tensor(lite.load(packed, prefill_chunk=chunk, state_dtype=state).logits(IDS))
         assert _close(got, one, 1e-5)
     # and the state after a prefill carries on: prefill 6, then step the rest
-    m = lite.load(packed, prefill_chunk=4)
+    m = lite.load(packed, prefill_chunk=4, state_dtype=state)
     m.reset()
     m.forward(IDS[:6])
     for i in IDS[6:]:
