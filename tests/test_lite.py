@@ -44,6 +44,9 @@ def _packed(tmp_path_factory, tok, layout):
         "intn": {"*.in_proj": "int4", "backbone.layers.1.mixer.in_proj": "int3",
                  "*.out_proj": "bin+r8", "backbone.layers.0.mixer.out_proj": "int2",
                  "backbone.layers.2.mixer.out_proj": "int8", "backbone.embedding": "int4"},
+        # a projection the plan keeps in fp16 beside 1-bit ones, the embedding int8
+        "kept": {"*.in_proj": "bin+r8", "*.out_proj": "bin", "backbone.layers.1.mixer.out_proj": "fp16",
+                 "backbone.layers.2.mixer.in_proj": "fp16", "backbone.embedding": "int8"},
     }
     if layout in specs:
         plan = d.parent / f"{layout}-plan.json"
@@ -54,7 +57,7 @@ def _packed(tmp_path_factory, tok, layout):
     return d
 
 
-@pytest.fixture(scope="module", params=["dfssm", "dfssm-scaffold", "mixed", "intn"])
+@pytest.fixture(scope="module", params=["dfssm", "dfssm-scaffold", "mixed", "intn", "kept", "bimamba", "fp16"])
 def packed(request, tmp_path_factory, tok):
     return _packed(tmp_path_factory, tok, request.param)
 
@@ -68,7 +71,7 @@ def _torch_steps(path, ids, state_dtype="fp32"):
     """Logits after each id, stepping the loaded torch model (C++ layer loop)."""
     from dfplan.runtime.decode import STATE_DTYPES
     from dfplan.runtime.leanstep import LeanStep, lean_ok
-    mod = dfplan.load(path).module
+    mod = dfplan.load(path, dtype=torch.float32).module
     assert lean_ok(mod)
     cache = mod.new_cache(1, state_dtype=STATE_DTYPES[state_dtype])
     step = LeanStep(mod, cache)
@@ -203,13 +206,9 @@ def test_bad_input_is_refused(dfssm, tmp_path, tok):
         m.generate([CFG.vocab_size], 2)
     with pytest.raises(DfplanError, match="state dtype"):
         lite.load(dfssm, state_dtype="int8")
-    # a float embedding, a layer kept in float, grouped / asymmetric IntN are not the lite
-    # runtime's: it says which runtime is
+    # grouped / asymmetric IntN are not the lite runtime's: it says which runtime is
     from dfplan.lite.support import unsupported
-    cases = {"bimamba": "layout:bimamba",
-             "kept": {"*.in_proj": "bin", "*.out_proj": "bin", "backbone.layers.1.mixer.out_proj": "fp16",
-                      "backbone.embedding": "int8"},
-             "grouped": {"*.in_proj": "bin", "*.out_proj": "int4g16", "backbone.embedding": "int8"},
+    cases = {"grouped": {"*.in_proj": "bin", "*.out_proj": "int4g16", "backbone.embedding": "int8"},
              "asym": {"*.in_proj": "bin", "*.out_proj": "int4a", "backbone.embedding": "int8"}}
     for name, plan in cases.items():
         if isinstance(plan, dict):

@@ -6,10 +6,11 @@ pointers into it. fp16 fixed tensors (norms, conv, A_log, D, dt_bias) are widene
 once, as `load_packed` does for the torch model; compressed payloads keep their bytes.
 
 Supported: every mixer's in_proj and out_proj 1-bit (row or FBI scales, int8 low-rank
-correction) or row-wise symmetric IntN (2/3/4-bit codes unpacked to int8 once, as the torch
-runtime does), the tied embedding row-wise symmetric IntN: the DF-SSM layouts and plans
-searched among the default 1-bit / IntN candidates. Anything else (a layer kept in float,
-grouped or asymmetric IntN, attention, an untied head) raises a DfplanError that names it
+correction), row-wise symmetric IntN (2/3/4-bit codes unpacked to int8 once, as the torch
+runtime does) or kept in float (fp32 / fp16 / bf16, read as stored); the tied embedding
+row-wise symmetric IntN or float. That is the DF-SSM, Bi-Mamba, int4/int8 and float
+layouts and any plan searched among the default candidates. Anything else (grouped or
+asymmetric IntN, attention, MLP blocks, an untied head) raises a DfplanError that names it
 (`--runtime torch` runs every format).
 """
 from __future__ import annotations
@@ -117,13 +118,18 @@ class LiteModel:
                 norm_before_gate=bool(cfg.norm_before_gate))
             self._keep += [*lin, step]
             args = [ctypes.byref(w) if isinstance(w, kind) else None
-                    for w in lin for kind in (native.BinaryWeights, native.Int8Weights)]
+                    for w in lin for kind in (native.BinaryWeights, native.Int8Weights, native.FloatWeights)]
             native.check(lib.dfl_add_layer(self._model, self._f32(p + "norm.weight"), cfg.norm_epsilon,
                                            *args, ctypes.byref(step)), f"layer {i}")
-        native.check(lib.dfl_set_head(self._model, self._int8_codes("backbone.embedding", cfg.vocab_padded,
-                                                                    cfg.d_model),
-                                      self._f32("backbone.embedding.scale"),
-                                      self._f32("backbone.norm_f.weight"), cfg.norm_epsilon), "head")
+        if "backbone.embedding.weight" in self._header:             # a float table
+            emb = self._float("backbone.embedding", cfg.vocab_padded, cfg.d_model)
+            self._keep.append(emb)
+            head = (None, None, ctypes.byref(emb))
+        else:
+            head = (self._int8_codes("backbone.embedding", cfg.vocab_padded, cfg.d_model),
+                    self._f32("backbone.embedding.scale"), None)
+        native.check(lib.dfl_set_head(self._model, *head, self._f32("backbone.norm_f.weight"),
+                                      cfg.norm_epsilon), "head")
         self._logits = (ctypes.c_float * cfg.vocab_padded)()
 
     def _numel(self, name: str) -> int:
@@ -143,7 +149,8 @@ class LiteModel:
         """fp32 copies of every float tensor that is not a 1-bit layer's per-row vector,
         in one more anonymous mapping; {name: address}."""
         names = [k for k, (info, _) in self._where.items()
-                 if info["dtype"] in ("F16", "BF16", "F32") and not k.endswith((".row_scale", ".u_scale"))]
+                 if info["dtype"] in ("F16", "BF16", "F32") and not k.endswith((".row_scale", ".u_scale"))
+                 and not _float_matrix(k)]
         total = sum(-(-self._numel(k) * 4 // 64) * 64 for k in names)
         self._fp32_buf = mmap.mmap(-1, max(total, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
         base = ctypes.addressof(ctypes.c_char.from_buffer(self._fp32_buf))
@@ -194,12 +201,21 @@ class LiteModel:
         self.lib.dfl_unpack_intn(self._ptr(prefix + ".qweight"), rows, n, bits, addr)
         return addr
 
+    def _float(self, prefix: str, rows: int, n: int) -> native.FloatWeights:
+        """A float weight in its stored dtype (read as stored: no fp32 copy of the matrix)."""
+        return native.FloatWeights(w=self._ptr(prefix + ".weight"),
+                                   dtype=native.FLOAT_DTYPES[self._header[prefix + ".weight"]["dtype"]],
+                                   bias=self._f32(prefix + ".bias", optional=True), out=rows, in_=n)
+
     def _proj(self, prefix: str, f16c: bool, blocks: bool):
-        """native.BinaryWeights for a 1-bit projection, native.Int8Weights for an IntN one."""
-        if prefix + ".qweight" not in self._header:
-            return self._binary(prefix, f16c, blocks)
+        """native.BinaryWeights for a 1-bit projection, Int8Weights for an IntN one,
+        FloatWeights for one the plan keeps in float."""
         cfg = self.config
         rows, n = (cfg.d_in_proj, cfg.d_model) if prefix.endswith("in_proj") else (cfg.d_model, cfg.d_inner)
+        if prefix + ".weight" in self._header:
+            return self._float(prefix, rows, n)
+        if prefix + ".qweight" not in self._header:
+            return self._binary(prefix, f16c, blocks)
         return native.Int8Weights(q=self._int8_codes(prefix, rows, n), scale=self._f32(prefix + ".scale"),
                                   bias=self._f32(prefix + ".bias", optional=True), out=rows, in_=n)
 
@@ -359,3 +375,8 @@ class LiteModel:
 def load(path, **kw) -> LiteModel:
     """dfplan.lite.load(packed_dir, tokenizer=None, state_dtype=None, threads=None)."""
     return LiteModel(path, **kw)
+
+
+def _float_matrix(name: str) -> bool:
+    """A float weight matrix the library reads as stored (a kept projection, a float embedding)."""
+    return name == "backbone.embedding.weight" or name.endswith(("in_proj.weight", "out_proj.weight"))

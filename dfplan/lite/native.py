@@ -23,7 +23,7 @@ _HEADERS = [_CSRC / "cpu_common.h"]
 # as the torch extension: no -march, the wide paths carry function-level target attributes
 _CFLAGS = ["-O3", "-fno-math-errno", "-fopenmp", "-std=c++17", "-fPIC", "-DDFPLAN_LITE"]
 _NAME = "dfplan_lite"
-ABI_VERSION = 4
+ABI_VERSION = 5
 
 _lock = threading.Lock()
 _lib: list = []
@@ -48,6 +48,15 @@ class Int8Weights(ctypes.Structure):
     """lite_cpu.cpp Int8Weights: a row-wise int8 projection (codes, fp32 scale, bias)."""
     _fields_ = [("q", ctypes.c_void_p), ("scale", ctypes.c_void_p), ("bias", ctypes.c_void_p),
                 ("out", ctypes.c_int64), ("in_", ctypes.c_int64)]
+
+
+class FloatWeights(ctypes.Structure):
+    """lite_cpu.cpp FloatWeights: a float weight as stored (dtype 0 fp32, 1 fp16, 2 bf16)."""
+    _fields_ = [("w", ctypes.c_void_p), ("dtype", ctypes.c_int64), ("bias", ctypes.c_void_p),
+                ("out", ctypes.c_int64), ("in_", ctypes.c_int64)]
+
+
+FLOAT_DTYPES = {"F32": 0, "F16": 1, "BF16": 2}
 
 
 class StepWeights(ctypes.Structure):
@@ -75,12 +84,13 @@ _SIGNATURES = {
     "dfl_destroy": (None, [ctypes.c_void_p]),
     "dfl_add_layer": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_double,
                                      ctypes.POINTER(BinaryWeights), ctypes.POINTER(Int8Weights),
-                                     ctypes.POINTER(BinaryWeights), ctypes.POINTER(Int8Weights),
+                                     ctypes.POINTER(FloatWeights), ctypes.POINTER(BinaryWeights),
+                                     ctypes.POINTER(Int8Weights), ctypes.POINTER(FloatWeights),
                                      ctypes.POINTER(StepWeights)]),
     "dfl_unpack_intn": (None, [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int,
                                ctypes.c_void_p]),
     "dfl_set_head": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
-                                    ctypes.c_void_p, ctypes.c_double]),
+                                    ctypes.POINTER(FloatWeights), ctypes.c_void_p, ctypes.c_double]),
     "dfl_reset": (None, [ctypes.c_void_p]),
     "dfl_state_bytes": (ctypes.c_int64, [ctypes.c_void_p]),
     "dfl_forward": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p]),
@@ -138,7 +148,7 @@ def library():
                                       f"(g++): {str(e).strip().splitlines()[-1] if str(e).strip() else e}; "
                                       "use --runtime torch instead") from None
                 want = (ABI_VERSION, ctypes.sizeof(BinaryWeights), ctypes.sizeof(StepWeights),
-                        ctypes.sizeof(RowVec), ctypes.sizeof(Int8Weights))
+                        ctypes.sizeof(RowVec), ctypes.sizeof(Int8Weights), ctypes.sizeof(FloatWeights))
                 got = tuple(lib.dfl_abi(i) for i in range(len(want)))
                 if got != want:
                     raise DfplanError(f"the lite library's ABI {got} does not match its Python side {want}; "

@@ -74,24 +74,42 @@ def _intn_unsupported(h: dict, p: str, rows: int, n: int) -> str | None:
     return None
 
 
+_FLOAT = ("F32", "F16", "BF16")
+
+
+def _float_unsupported(h: dict, p: str, rows: int, n: int) -> str | None:
+    """Why the float unit `p` (weight[, bias]) is not one the lite runtime reads."""
+    parts = {k[len(p) + 1:] for k in h if k.startswith(p + ".")}
+    w = h[p + ".weight"]
+    if parts - {"weight", "bias"} or w["dtype"] not in _FLOAT or w["shape"] != [rows, n]:
+        return f"{p} is a float weight the lite runtime does not read ({w['dtype']} {w['shape']})"
+    return None
+
+
 def header_unsupported(h: dict, cfg: Mamba2Config) -> str | None:
     """What in a safetensors header the lite runtime cannot run (None: nothing)."""
-    if "backbone.embedding.qweight" not in h:
-        return "the embedding is not quantized (a float head needs --runtime torch)"
-    why = _intn_unsupported(h, "backbone.embedding", cfg.vocab_padded, cfg.d_model)
+    if "backbone.embedding.weight" in h:
+        why = _float_unsupported(h, "backbone.embedding", cfg.vocab_padded, cfg.d_model)
+    else:
+        why = _intn_unsupported(h, "backbone.embedding", cfg.vocab_padded, cfg.d_model)
     if why:
         return why
     widths = {"in_proj": (cfg.d_in_proj, cfg.d_model), "out_proj": (cfg.d_model, cfg.d_inner)}
     for i in range(cfg.n_layer):
         for proj, (rows, n) in widths.items():
             p = f"backbone.layers.{i}.mixer.{proj}"
+            if p + ".weight" in h:
+                why = _float_unsupported(h, p, rows, n)
+                if why:
+                    return why
+                continue
             if p + ".qweight" in h:
                 why = _intn_unsupported(h, p, rows, n)
                 if why:
                     return why
                 continue
             if h.get(p + ".bits", {}).get("dtype") != "U8":
-                return f"{p} is neither 1-bit nor IntN (kept in float)"
+                return f"{p} is neither 1-bit, IntN nor float"
             if p + ".u" in h and h[p + ".u"]["dtype"] != "I8":
                 return f"{p}'s correction is not int8"
             extra = {k[len(p) + 1:] for k in h if k.startswith(p + ".")} - _BINARY_PARTS

@@ -286,6 +286,8 @@ struct BinaryWeights {
   int64_t r = 0;
 };
 void binary_linear_raw(const BinaryWeights& w, int64_t isa, const float* x, int64_t T, float* y);
+// a . b over n floats (AVX2 + FMA, or portable)
+float dot_f32(bool avx2, const float* a, const float* b, int64_t n);
 // bits (out, nb) rows <-> row blocks, in place
 void reorder_row_blocks_raw(uint8_t* bits, int64_t out, int64_t nb, bool to_blocks);
 

@@ -522,6 +522,10 @@ using namespace dfplan_cpu;
 
 namespace dfplan_cpu {
 
+float dot_f32(bool avx2, const float* a, const float* b, int64_t n) {
+  return avx2 ? dot_f32_avx2(a, b, n) : dot_f32_portable(a, b, n);
+}
+
 void binary_linear_raw(const BinaryWeights& w, int64_t isa, const float* xp, int64_t T, float* yp) {
   if (T == 0 || w.out == 0) return;
   const int64_t out = w.out, nb = w.nb, in_features = w.in, r = w.r, layout = w.layout;

@@ -2,11 +2,10 @@
 // extension runs, built with -DDFPLAN_LITE and loaded through ctypes.
 //
 // Why: torch alone is ~225 MiB of a process's RSS (its C++ heap and Python modules), more
-// than the 1-bit weights of Mamba-2 1.3B. A packed artifact whose linears are 1-bit or
-// row-wise IntN and whose head is the tied IntN embedding needs nothing from torch to decode
-// (the DF-SSM layouts, and plans searched among the default 1-bit / IntN candidates): this file holds
-// the layer loop (stack_cpu.cpp's, on raw pointers), the embedding row, the final norm, the
-// int8 head and the sampler. The Python side (dfplan/lite/) reads the safetensors file into
+// than the 1-bit weights of Mamba-2 1.3B. A packed pure-Mamba artifact with a tied head needs
+// nothing from torch to decode, whatever its projections are (1-bit, row-wise IntN as int8
+// codes, or float): this file holds the layer loop (stack_cpu.cpp's, on raw pointers), the
+// embedding row, the final norm, the head and the sampler. The Python side (dfplan/lite/) reads the safetensors file into
 // memory it owns and hands the pointers over; nothing here allocates weights.
 //
 // Prefill runs layer by layer over up to `chunk` tokens at a time: each layer's in_proj and
@@ -39,26 +38,74 @@ struct Int8Weights {
   int64_t out = 0, in = 0;
 };
 
+// A float weight kept as stored (a layer the plan keeps, or a float embedding): fp32, fp16
+// or bf16 rows, widened one row at a time into a per-thread fp32 buffer and dotted with
+// every token. Decode reads each weight byte once; no fp32 copy of the matrix is kept.
+struct FloatWeights {
+  const void* w = nullptr;  // (out, in)
+  int64_t dtype = 0;        // 0 fp32, 1 fp16, 2 bf16
+  const float* bias = nullptr;
+  int64_t out = 0, in = 0;
+};
+
+void widen_row(const FloatWeights& f, int64_t o, float* dst) {
+  if (f.dtype == 0) {
+    std::memcpy(dst, static_cast<const float*>(f.w) + o * f.in, static_cast<size_t>(f.in) * 4);
+    return;
+  }
+  const uint16_t* src = static_cast<const uint16_t*>(f.w) + o * f.in;
+  if (f.dtype == 1) {
+    for (int64_t i = 0; i < f.in; ++i) dst[i] = half_to_float(src[i]);
+  } else {
+    for (int64_t i = 0; i < f.in; ++i) {
+      const uint32_t b = uint32_t(src[i]) << 16;
+      std::memcpy(dst + i, &b, 4);
+    }
+  }
+}
+
+// y (T, out) = x (T, in) @ w.T + bias. Rows go 8 at a time: widened once, then each token's
+// x (in L1) meets all 8, so a prompt chunk's activations are read once per 8 rows, not per row.
+void float_linear(const FloatWeights& f, bool avx2, const float* x, int64_t T, float* y) {
+  constexpr int64_t R = 8;
+  parallel_for(0, (f.out + R - 1) / R, 4, [&](int64_t b0, int64_t b1) {
+    std::vector<float> rows(static_cast<size_t>(R * f.in));
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t o0 = b * R, h = std::min(R, f.out - o0);
+      for (int64_t r = 0; r < h; ++r) widen_row(f, o0 + r, rows.data() + r * f.in);
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t r = 0; r < h; ++r)
+          y[t * f.out + o0 + r] = dot_f32(avx2, rows.data() + r * f.in, x + t * f.in, f.in) +
+                                  (f.bias ? f.bias[o0 + r] : 0.f);
+    }
+  });
+}
+
 struct Proj {
-  bool binary = true;
+  int kind = 0;  // 0 1-bit, 1 int8, 2 float
   BinaryWeights bin;
   Int8Weights i8;
-  int64_t out() const { return binary ? bin.out : i8.out; }
-  int64_t in() const { return binary ? bin.in : i8.in; }
+  FloatWeights fl;
+  int64_t out() const { return kind == 0 ? bin.out : kind == 1 ? i8.out : fl.out; }
+  int64_t in() const { return kind == 0 ? bin.in : kind == 1 ? i8.in : fl.in; }
   void operator()(int64_t isa, const float* x, int64_t T, float* y) const {
-    if (binary)
+    if (kind == 0)
       binary_linear_raw(bin, isa, x, T, y);
-    else
+    else if (kind == 1)
       int8_linear_raw(i8.q, i8.out, i8.in, i8.scale, i8.bias, isa, x, T, y);
+    else
+      float_linear(fl, isa >= kAvx2, x, T, y);
   }
 };
 
-Proj make_proj(const BinaryWeights* bin, const Int8Weights* i8) {
-  DF_CHECK((bin == nullptr) != (i8 == nullptr), "a projection is 1-bit or int8, exactly one");
+Proj make_proj(const BinaryWeights* bin, const Int8Weights* i8, const FloatWeights* fl) {
+  DF_CHECK((bin != nullptr) + (i8 != nullptr) + (fl != nullptr) == 1,
+           "a projection is 1-bit, int8 or float: exactly one of the three");
   Proj p;
-  p.binary = bin != nullptr;
+  p.kind = bin ? 0 : i8 ? 1 : 2;
   if (bin) p.bin = *bin;
   if (i8) p.i8 = *i8;
+  if (fl) p.fl = *fl;
   return p;
 }
 
@@ -92,9 +139,17 @@ class LiteModel {
     layers_.push_back(std::move(l));
   }
 
-  void set_head(const int8_t* q, const float* scale, const float* norm_w, double eps) {
+  // the tied embedding: int8 codes with a scale per row (q, scale), or float rows (fl)
+  void set_head(const int8_t* q, const float* scale, const FloatWeights* fl, const float* norm_w,
+                double eps) {
+    DF_CHECK((q != nullptr) != (fl != nullptr), "the embedding is int8 or float, exactly one");
+    DF_CHECK(!q || scale, "an int8 embedding needs its row scales");
     emb_q_ = q;
     emb_scale_ = scale;
+    if (fl) {
+      DF_CHECK(fl->out == vocab_ && fl->in == d_, "the float embedding must be (vocab, d_model)");
+      emb_f_ = *fl;
+    }
     norm_f_ = norm_w;
     norm_eps_ = float(eps);
   }
@@ -114,7 +169,7 @@ class LiteModel {
 
   // ids (T,) -> logits (vocab,) of the last token; states advanced by T tokens
   void forward(const int32_t* ids, int64_t T, float* logits) {
-    DF_CHECK(!layers_.empty() && emb_q_, "the model has no layers or no head yet");
+    DF_CHECK(!layers_.empty() && (emb_q_ || emb_f_.w), "the model has no layers or no head yet");
     DF_CHECK(T > 0, "forward needs at least one token");
     for (int64_t i = 0; i < T; ++i)
       DF_CHECK(ids[i] >= 0 && ids[i] < vocab_, "token id ", ids[i], " is outside [0, ", vocab_, ")");
@@ -127,9 +182,13 @@ class LiteModel {
     for (int64_t t0 = 0; t0 < T; t0 += C) {
       const int64_t n = std::min(C, T - t0);
       for (int64_t t = 0; t < n; ++t) {  // int8 row times its scale, as int8_embedding does
+        float* h = hidden_.data() + t * d_;
+        if (!emb_q_) {
+          widen_row(emb_f_, ids[t0 + t], h);
+          continue;
+        }
         const int8_t* q = emb_q_ + int64_t(ids[t0 + t]) * d_;
         const float s = emb_scale_[ids[t0 + t]];
-        float* h = hidden_.data() + t * d_;
         for (int64_t i = 0; i < d_; ++i) h[i] = float(q[i]) * s;
       }
       bool first = true;
@@ -148,7 +207,10 @@ class LiteModel {
       const int64_t last = n - 1;
       add_rms_norm(hidden_.data() + last * d_, residual_.data() + last * d_, false, norm_f_, norm_eps_,
                    1, d_, normed_.data());
-      int8_linear_raw(emb_q_, vocab_, d_, emb_scale_, nullptr, isa_, normed_.data(), 1, logits);
+      if (emb_q_)
+        int8_linear_raw(emb_q_, vocab_, d_, emb_scale_, nullptr, isa_, normed_.data(), 1, logits);
+      else
+        float_linear(emb_f_, isa_ >= kAvx2, normed_.data(), 1, logits);
     }
   }
 
@@ -161,6 +223,7 @@ class LiteModel {
   std::vector<Layer> layers_;
   const int8_t* emb_q_ = nullptr;
   const float* emb_scale_ = nullptr;
+  FloatWeights emb_f_;
   const float* norm_f_ = nullptr;
   float norm_eps_ = 1e-5f;
   std::vector<float> hidden_, residual_, normed_, zx_, y_;
@@ -188,11 +251,12 @@ const char* dfl_last_error() { return g_error.c_str(); }
 // sizeof of the structs the Python side mirrors with ctypes: a mismatch stops the load
 int64_t dfl_abi(int64_t which) {
   switch (which) {
-    case 0: return 4;  // ABI version
+    case 0: return 5;  // ABI version
     case 1: return int64_t(sizeof(BinaryWeights));
     case 2: return int64_t(sizeof(StepWeights));
     case 3: return int64_t(sizeof(RowVec));
     case 4: return int64_t(sizeof(Int8Weights));
+    case 5: return int64_t(sizeof(FloatWeights));
     default: return -1;
   }
 }
@@ -247,18 +311,19 @@ void* dfl_create(int64_t d_model, int64_t vocab, int64_t isa_req, int use_avx2, 
 
 void dfl_destroy(void* m) { delete static_cast<LiteModel*>(m); }
 
-// in_proj and out_proj: each 1-bit (its BinaryWeights, Int8Weights null) or int8 (the other way)
+// in_proj and out_proj: each 1-bit, int8 or float (that one's weights given, the other two null)
 int dfl_add_layer(void* m, const float* norm_w, double eps, const BinaryWeights* in_bin,
-                  const Int8Weights* in_i8, const BinaryWeights* out_bin, const Int8Weights* out_i8,
-                  const StepWeights* step) {
+                  const Int8Weights* in_i8, const FloatWeights* in_f, const BinaryWeights* out_bin,
+                  const Int8Weights* out_i8, const FloatWeights* out_f, const StepWeights* step) {
   return guarded([&] {
-    static_cast<LiteModel*>(m)->add_layer(norm_w, eps, make_proj(in_bin, in_i8), make_proj(out_bin, out_i8),
-                                          *step);
+    static_cast<LiteModel*>(m)->add_layer(norm_w, eps, make_proj(in_bin, in_i8, in_f),
+                                          make_proj(out_bin, out_i8, out_f), *step);
   });
 }
 
-int dfl_set_head(void* m, const int8_t* q, const float* scale, const float* norm_w, double eps) {
-  return guarded([&] { static_cast<LiteModel*>(m)->set_head(q, scale, norm_w, eps); });
+int dfl_set_head(void* m, const int8_t* q, const float* scale, const FloatWeights* fl,
+                 const float* norm_w, double eps) {
+  return guarded([&] { static_cast<LiteModel*>(m)->set_head(q, scale, fl, norm_w, eps); });
 }
 
 void dfl_reset(void* m) { static_cast<LiteModel*>(m)->reset(); }
