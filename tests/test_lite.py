@@ -313,3 +313,14 @@ def test_lite_never_imports_torch(dfssm):
     r = subprocess.run([sys.executable, "-c", code, str(dfssm)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == "5"
+
+
+def test_lite_library_builds_wherever_the_torch_kernels_do():
+    """The other tests skip without a compiler; a source that does not compile must fail here,
+    not skip: where the torch extension builds, the lite library (same sources) must too."""
+    from dfplan.kernels import cpu
+    if not cpu.available():
+        pytest.skip(f"no CPU kernels here either: {cpu.build_error()}")
+    from dfplan.lite import native
+    lib = native.library()
+    assert lib.dfl_abi(0) == native.ABI_VERSION

@@ -144,8 +144,10 @@ def library():
                     lib = build.load_or_build(_NAME, _SOURCES, _HEADERS, _CFLAGS, "no-torch",
                                               compile_fn=_compile, loader=_open)
                 except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                    lines = str(e).strip().splitlines() or [type(e).__name__]
+                    first = next((ln.strip() for ln in lines if "error" in ln), lines[-1].strip())
                     raise DfplanError("the torch-free runtime needs a C++ compiler with OpenMP "
-                                      f"(g++): {str(e).strip().splitlines()[-1] if str(e).strip() else e}; "
+                                      f"(g++); building it failed: {first[:300]}; "
                                       "use --runtime torch instead") from None
                 want = (ABI_VERSION, ctypes.sizeof(BinaryWeights), ctypes.sizeof(StepWeights),
                         ctypes.sizeof(RowVec), ctypes.sizeof(Int8Weights), ctypes.sizeof(FloatWeights))

@@ -295,6 +295,9 @@ void reorder_row_blocks_raw(uint8_t* bits, int64_t out, int64_t nb, bool to_bloc
 void int8_linear_raw(const int8_t* q, int64_t out, int64_t in, const float* scale,
                      const float* bias, int64_t isa, const float* x, int64_t T, float* y);
 
+// n fp16 (or bf16) values -> fp32, exactly; vec: the AVX2 (F16C) conversion (step_cpu.cpp)
+void widen16(bool bf16, bool vec, const uint16_t* src, float* dst, int64_t n);
+
 // One Mamba-2 mixer token for B rows between in_proj and out_proj (step_cpu.cpp).
 enum class StateType { f32 = 0, bf16 = 1, f16 = 2 };
 struct StepWeights {

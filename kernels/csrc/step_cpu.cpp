@@ -395,6 +395,13 @@ bool has_f16c() {
 
 namespace dfplan_cpu {
 
+void widen16(bool bf16, bool vec, const uint16_t* src, float* dst, int64_t n) {
+  if (bf16)
+    vec ? widen_bf16_avx2(src, dst, n) : widen_bf16(src, dst, n);
+  else
+    vec && has_f16c() ? widen_f16_avx2(src, dst, n) : widen_f16(src, dst, n);
+}
+
 void mamba2_step_raw(const StepWeights& w, const float* zx, int64_t Bsz, float* cs, void* ssm,
                      StateType st_type, bool use_avx2, float* yp) {
   const int64_t H = w.H, P = w.P, N = w.N, G = w.G, conv_dim = w.conv_dim, d_conv = w.d_conv;
