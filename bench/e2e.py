@@ -30,6 +30,7 @@ import torch
 
 from dfplan.errors import DfplanError
 from dfplan.loading import load_config
+from dfplan.prompting import proc_status_bytes
 
 from . import schema
 from .common import memory_bandwidth
@@ -85,22 +86,13 @@ def _cache_dir(cfg: E2EConfig) -> Path:
 
 
 def _rss_now() -> int:
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except (OSError, ValueError, IndexError):
-        return 0
+    return proc_status_bytes("VmRSS") or 0
 
 
 def _peak_rss() -> int:
-    """Peak RSS of this process's own address space. VmHWM, not getrusage's ru_maxrss: Linux
-    carries ru_maxrss over fork + exec, so a spawned worker would report its parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024   # KiB on Linux
+    """Peak RSS of this process's own address space (VmHWM; getrusage off Linux)."""
+    peak = proc_status_bytes("VmHWM")
+    return peak if peak is not None else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 # workers -------------------------------------------------------------------------------------

@@ -474,17 +474,7 @@ class LiteRunner:
     def sample(self, batch: int, P: int, G: int, seed: int) -> tuple[float, float]:
         if batch != 1:
             raise DfplanError("the lite runtime decodes one sequence")
-        ids = prompt_ids(P, self.vocab, seed)
-        m, lib = self.model, self.model.lib
-        m.reset()
-        t0 = _perf()
-        m.forward(ids)
-        nxt = lib.dfl_sample(m._logits, self.vocab, 0.0, 0, 1.0, 0.0)
-        t1 = _perf()
-        for _ in range(G):
-            m.forward([nxt])
-            nxt = lib.dfl_sample(m._logits, self.vocab, 0.0, 0, 1.0, 0.0)
-        return t1 - t0, _perf() - t1
+        return self.model.time_greedy(prompt_ids(P, self.vocab, seed), G)
 
 
 def prompt_ids(P: int, vocab: int, seed: int) -> list[int]:

@@ -209,6 +209,7 @@ def test_bad_input_is_refused(dfssm, tmp_path, tok):
     # grouped / asymmetric IntN are not the lite runtime's: it says which runtime is
     from dfplan.lite.support import unsupported
     cases = {"grouped": {"*.in_proj": "bin", "*.out_proj": "int4g16", "backbone.embedding": "int8"},
+             "rank4bit": {"*.in_proj": "bin+r8i4", "*.out_proj": "bin", "backbone.embedding": "int8"},
              "asym": {"*.in_proj": "bin", "*.out_proj": "int4a", "backbone.embedding": "int8"}}
     for name, plan in cases.items():
         if isinstance(plan, dict):

@@ -27,7 +27,7 @@ import click
 @click.option("--threads", default=None, type=click.IntRange(min=1), help="CPU threads (torch's, or the lite library's).")
 @click.option("--stats", is_flag=True, help="Print prefill ms, decode tok/s and peak RSS to stderr.")
 @click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "torch", "lite"]),
-              help="lite: the torch-free library (packed DF-SSM artifacts, CPU, ~225 MiB less memory); "
+              help="lite: the torch-free library (packed pure-Mamba artifacts, CPU, ~225 MiB less memory); "
                    "auto: lite where it applies, else torch.")
 def command(model_arg, prompt, prompt_file, tokenizer, max_new_tokens, temperature, top_k, top_p,
             seed, stop, state_dtype, no_eos, no_stream, device, threads, stats, runtime):
@@ -59,7 +59,6 @@ def command(model_arg, prompt, prompt_file, tokenizer, max_new_tokens, temperatu
             import torch
             torch.set_num_threads(threads)
         res = generate_to(sys.stdout, model_arg, text, device=device, **kw)
-        res["runtime"] = "torch"
     if stats:
         click.echo(f"prefill {res['prefill_ms']:.1f} ms ({res['prompt_tokens']} tokens), "
                    f"decode {res['decode_tok_s']:.2f} tok/s ({res['new_tokens']} tokens), "

@@ -6,7 +6,7 @@
 
 Same artifact, same kernels as `dfplan.load` (kernels/csrc, built a second time without
 torch), batch 1 on CPU. Without torch in the process, peak memory is the weights, the
-decode state and ~50 MiB of Python and tokenizer (torch alone is ~225 MiB).
+decode state and ~45 MiB of Python and tokenizer (torch alone is ~225 MiB).
 `dfplan generate --runtime lite` is the command-line way in.
 """
 from .model import LiteModel, load

@@ -87,7 +87,10 @@ def _float_unsupported(h: dict, p: str, rows: int, n: int) -> str | None:
 
 
 def header_unsupported(h: dict, cfg: Mamba2Config) -> str | None:
-    """What in a safetensors header the lite runtime cannot run (None: nothing)."""
+    """What in a safetensors header the lite runtime cannot run (None: nothing). The loader
+    relies on it: every tensor it reads has the dtype and shape checked here."""
+    if "backbone.norm_f.weight" not in h:
+        return "no backbone.norm_f.weight: not a Mamba-2 artifact"
     if "backbone.embedding.weight" in h:
         why = _float_unsupported(h, "backbone.embedding", cfg.vocab_padded, cfg.d_model)
     else:
@@ -108,10 +111,16 @@ def header_unsupported(h: dict, cfg: Mamba2Config) -> str | None:
                 if why:
                     return why
                 continue
-            if h.get(p + ".bits", {}).get("dtype") != "U8":
+            bits = h.get(p + ".bits", {})
+            if bits.get("dtype") != "U8":
                 return f"{p} is neither 1-bit, IntN nor float"
-            if p + ".u" in h and h[p + ".u"]["dtype"] != "I8":
-                return f"{p}'s correction is not int8"
+            if bits.get("shape") != [rows, (n + 7) // 8]:
+                return f"{p}.bits is {bits.get('shape')}, not [{rows}, {(n + 7) // 8}]"
+            u, v = h.get(p + ".u"), h.get(p + ".v")
+            if (u is None) != (v is None) or u and not (
+                    u["dtype"] == v["dtype"] == "I8" and len(u["shape"]) == 2 and u["shape"][0] == rows
+                    and v["shape"] == [u["shape"][1], n]):
+                return f"{p}'s low-rank correction is not int8 (rank bits < 8)"
             extra = {k[len(p) + 1:] for k in h if k.startswith(p + ".")} - _BINARY_PARTS
             if extra:
                 return f"{p} has tensors the lite runtime does not read: {sorted(extra)}"

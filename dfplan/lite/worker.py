@@ -15,14 +15,6 @@ import argparse
 import json
 import sys
 import time
-from pathlib import Path
-
-
-def _status(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1]) * 1024
-    return 0
 
 
 def _answer(obj) -> None:
@@ -37,32 +29,24 @@ def main(argv=None) -> int:
     ap.add_argument("--state-dtype", default=None)
     a = ap.parse_args(argv)
     from ..errors import DfplanError
+    from ..prompting import proc_status_bytes
     from .model import LiteModel
-    base = _status("VmRSS")
+    base = proc_status_bytes("VmRSS")
     t = time.perf_counter()
     try:
         m = LiteModel(a.path, state_dtype=a.state_dtype, threads=a.threads)
     except DfplanError as e:
         _answer({"error": str(e)})
         return 2
-    lib, logits, V = m.lib, m._logits, m.config.vocab_size
     _answer({"ok": {"model_bytes": int(m.manifest["payload_bytes"]), "load_s": time.perf_counter() - t,
-                    "base_rss_bytes": base, "load_rss_bytes": _status("VmRSS") - base,
+                    "base_rss_bytes": base, "load_rss_bytes": proc_status_bytes("VmRSS") - base,
                     "state_dtype": m.state_dtype_name, "runtime": "lite"}})
     for line in sys.stdin:
         req = json.loads(line)
         if req["cmd"] == "sample":
-            m.reset()
-            t0 = time.perf_counter()
-            m.forward(req["ids"])
-            nxt = lib.dfl_sample(logits, V, 0.0, 0, 1.0, 0.0)
-            t1 = time.perf_counter()
-            for _ in range(int(req["gen"])):
-                m.forward([nxt])
-                nxt = lib.dfl_sample(logits, V, 0.0, 0, 1.0, 0.0)
-            _answer({"ok": [t1 - t0, time.perf_counter() - t1]})
+            _answer({"ok": list(m.time_greedy(req["ids"], int(req["gen"])))})
         elif req["cmd"] == "memory":
-            _answer({"ok": {"peak_rss_bytes": _status("VmHWM"), "base_rss_bytes": base,
+            _answer({"ok": {"peak_rss_bytes": proc_status_bytes("VmHWM"), "base_rss_bytes": base,
                             "peak_gpu_bytes": None}})
         else:
             break

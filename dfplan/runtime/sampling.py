@@ -6,31 +6,9 @@ without synchronising.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
-from ..errors import DfplanError
-
-
-@dataclass(frozen=True)
-class Sampling:
-    """temperature 0 means greedy (argmax); top_k 0 and top_p 1 switch those filters off."""
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        if not (self.temperature >= 0.0):                     # also refuses NaN
-            raise DfplanError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if int(self.top_k) != self.top_k or self.top_k < 0:
-            raise DfplanError(f"top_k must be a non-negative integer (0 = off), got {self.top_k}")
-        if not (0.0 < self.top_p <= 1.0):
-            raise DfplanError(f"top_p must lie in (0, 1], got {self.top_p}")
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0.0
+from ..prompting import Sampling  # noqa: F401  (defined without torch, for dfplan.lite too)
 
 
 def filter_logits(logits: torch.Tensor, s: Sampling) -> torch.Tensor:
