@@ -10,7 +10,7 @@ from dfplan.loading import save_hf, save_mamba_ssm
 from dfplan.model import build_model
 from dfplan.runtime.api import Model
 from dfplan.runtime.decode import prefill
-from dfplan.runtime.textgen import settled_length
+from dfplan.textstream import settled_length
 from dfplan.tokenizer import save_tokenizer, train_bpe
 
 CFG = Mamba2Config.preset("tiny").replace(chunk_size=16, vocab_size=320, d_model=64, n_layer=2,

@@ -26,7 +26,8 @@ from ..loading import WEIGHT_FILES, load_config, load_model
 from ..model import build_model
 from ..packed import MANIFEST, load_packed
 from ..packed import save_packed as _save
-from ..prompting import check_fits  # noqa: F401  (runtime.pack imports it from here)
+from ..prompting import check_fits
+from ..textstream import TextTracker
 from ..tokenizer import check_vocab, load_tokenizer
 from ..tokenizer import eos_id as tokenizer_eos_id
 from .cudagraph import graph_step_factory
@@ -34,7 +35,7 @@ from .decode import STATE_DTYPES, DecodeResult, DecodeStats, decode, state_dtype
 from .heap import return_freed_memory
 from .leanstep import lean_step_factory
 from .sampling import Sampling
-from .textgen import TextTracker, encode_prompts, stream_in_thread
+from .textgen import encode_prompts, stream_in_thread
 
 
 class Model:

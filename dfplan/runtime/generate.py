@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import TextIO
 
 from .. import prompting
-from ..prompting import check_tokenizer_available, peak_rss_bytes, read_prompt  # noqa: F401
 from .api import load
 
 

@@ -23,9 +23,10 @@ from ..formats.size import plan_bytes
 from ..formats.units import compressible_units
 from ..model import build_model, init_weights
 from ..packed import CONFIG, MANIFEST, PLAN, TOKENIZER, WEIGHTS
+from ..prompting import check_fits
 from ..runfolder import is_temp_leftover
 from ..tokenizer import check_vocab, load_tokenizer
-from .api import Model, check_fits, compress, load, resolve_plan, save_packed
+from .api import Model, compress, load, resolve_plan, save_packed
 from .heap import reuse_freed_memory
 
 

@@ -17,9 +17,9 @@ from collections import defaultdict
 import torch
 
 from ..formats.modules import CompressedModule
+from ..prompting import peak_rss_bytes
 from .api import load
 from .decode import prefill, state_bytes, state_dtype_of
-from .generate import peak_rss_bytes
 from .leanstep import LeanStep, lean_ok
 
 

@@ -12,7 +12,6 @@ from typing import Iterator
 import torch
 
 from ..errors import DfplanError
-from ..textstream import TextTracker, cut_at_stop, settled_length  # noqa: F401
 
 
 def encode_prompts(tokenizer, prompts: list[str]) -> list[torch.Tensor]:
