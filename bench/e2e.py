@@ -268,7 +268,7 @@ def _packed_estimate(cfg: E2EConfig, mcfg) -> int | None:
     from dfplan.formats.size import plan_bytes
     from dfplan.runtime.api import resolve_plan
     if cfg.packed:
-        from dfplan.packed import read_manifest
+        from dfplan.packed_files import read_manifest
         return int(read_manifest(Path(cfg.packed)).get("payload_bytes") or 0) or None
     return plan_bytes(mcfg, resolve_plan(cfg.plan, mcfg)).total_bytes
 

@@ -33,7 +33,7 @@ from .formats.specs import Keep
 from .formats.units import compressible_units
 from .hugepages import read_tensors
 from .model import build_model
-from .packed_files import (  # noqa: F401
+from .packed_files import (
     CONFIG,
     MANIFEST,
     PACKED_FORMAT,

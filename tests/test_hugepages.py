@@ -72,7 +72,8 @@ def test_packed_load_with_and_without_huge_pages(tmp_path, monkeypatch):
     import dfplan
     from dfplan.config import Mamba2Config
     from dfplan.model import build_model
-    from dfplan.packed import WEIGHTS, load_packed
+    from dfplan.packed import load_packed
+    from dfplan.packed_files import WEIGHTS
     cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=16)
     m = build_model(cfg, seed=0).eval()
     dfplan.compress(m, "layout:dfssm")
@@ -102,7 +103,8 @@ def test_untied_embedding_stays_file_mapped(tmp_path, monkeypatch):
     import dfplan
     from dfplan.config import Mamba2Config
     from dfplan.model import build_model
-    from dfplan.packed import WEIGHTS, load_packed
+    from dfplan.packed import load_packed
+    from dfplan.packed_files import WEIGHTS
     monkeypatch.delenv("DFPLAN_HUGEPAGES", raising=False)
     cfg = Mamba2Config(d_model=64, n_layer=2, vocab_size=256, d_state=16, headdim=16, chunk_size=16,
                        tie_embeddings=False)

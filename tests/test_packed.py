@@ -13,7 +13,8 @@ from dfplan.formats.plan import Plan, model_signature
 from dfplan.formats.size import plan_bytes
 from dfplan.formats.specs import Binary, IntN, Keep
 from dfplan.model import build_model
-from dfplan.packed import load_packed, save_packed, verify_packed
+from dfplan.packed import load_packed, save_packed
+from dfplan.packed_files import verify_packed
 
 HYBRID = Mamba2Config(d_model=64, n_layer=3, vocab_size=300, d_state=16, headdim=16, chunk_size=16,
                       attn_layer_idx=(1,), d_intermediate=96, tie_embeddings=False, bias=True,

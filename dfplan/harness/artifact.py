@@ -5,7 +5,7 @@ import json
 from pathlib import Path
 
 from ..loading import WEIGHT_FILES
-from ..packed import MANIFEST
+from ..packed_files import MANIFEST
 
 ZOO_META = "zoo.json"        # written by `dfplan zoo train` beside the teacher
 

@@ -24,8 +24,9 @@ from ..formats.plan import Plan
 from ..kernels import select_backend
 from ..loading import WEIGHT_FILES, load_config, load_model
 from ..model import build_model
-from ..packed import MANIFEST, load_packed
+from ..packed import load_packed
 from ..packed import save_packed as _save
+from ..packed_files import MANIFEST
 from ..prompting import check_fits
 from ..textstream import TextTracker
 from ..tokenizer import check_vocab, load_tokenizer

@@ -22,7 +22,7 @@ from ..formats.quant import lowrank_method
 from ..formats.size import plan_bytes
 from ..formats.units import compressible_units
 from ..model import build_model, init_weights
-from ..packed import CONFIG, MANIFEST, PLAN, TOKENIZER, WEIGHTS
+from ..packed_files import CONFIG, MANIFEST, PLAN, TOKENIZER, WEIGHTS
 from ..prompting import check_fits
 from ..runfolder import is_temp_leftover
 from ..tokenizer import check_vocab, load_tokenizer
