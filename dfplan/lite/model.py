@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import json
+import math
 import mmap
 import os
 import random
@@ -120,15 +121,10 @@ class LiteModel:
         self._logits = (ctypes.c_float * cfg.vocab_padded)()
 
     def _numel(self, name: str) -> int:
-        n = 1
-        for s in self._header[name]["shape"]:
-            n *= s
-        return n
+        return math.prod(self._header[name]["shape"])
 
-    def _ptr(self, name: str, optional: bool = False):
+    def _ptr(self, name: str):
         if name not in self._where:
-            if optional:
-                return None
             raise DfplanError(f"{self.path / WEIGHTS} has no {name}; use --runtime torch")
         return ctypes.addressof(ctypes.c_char.from_buffer(self._arena, self._where[name][1]))
 
